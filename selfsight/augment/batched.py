@@ -1,0 +1,187 @@
+"""The view recipe applied to a whole uint8 batch on the training device.
+
+Same distribution as ``build_per_sample_views`` (torchvision's RandomResizedCrop sampling,
+ColorJitter in a random order per sample, ...), but every random parameter is drawn per
+sample as a tensor and applied with batched tensor ops, so no Python runs per image:
+crops are one ``roi_align`` call (bilinear, with area averaging when shrinking, like
+``antialias=True``), blur is one grouped convolution with per-sample kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from selfsight.augment.views import ViewRecipe
+
+_GRAY = (0.299, 0.587, 0.114)   # ITU-R 601-2 luma, as PIL and torchvision
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale: tuple, ratio: tuple,
+                      generator: torch.Generator | None = None, tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes (x0, y0, x1, y1) for ``n`` images, as torchvision samples them.
+
+    Up to ``tries`` candidates per image: area ~ U(scale)·H·W, log-ratio uniform; the first
+    that fits is used, else the central crop with the ratio clamped to ``ratio``.
+    """
+    area = height * width
+    u = torch.rand(n, tries, 4, generator=generator)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
+    r = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * r))
+    h = torch.round(torch.sqrt(target / r))
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    pick = first.clamp(min=0)
+    w, h = w[rows, pick], h[rows, pick]
+    x0 = torch.floor(u[rows, pick, 2] * (width - w + 1)).clamp(max=width - w)
+    y0 = torch.floor(u[rows, pick, 3] * (height - h + 1)).clamp(max=height - h)
+    # fallback: central crop with the aspect ratio clamped into range
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    miss = first < 0
+    w = torch.where(miss, torch.tensor(float(fw)), w)
+    h = torch.where(miss, torch.tensor(float(fh)), h)
+    x0 = torch.where(miss, torch.tensor(float((width - fw) // 2)), x0)
+    y0 = torch.where(miss, torch.tensor(float((height - fh) // 2)), y0)
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``boxes`` (B×4, pixels) out of float ``images`` (B×C×H×W) and resize to size×size."""
+    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype, device=boxes.device)[:, None], boxes], 1)
+    # sampling_ratio=-1: ceil(box/size) samples per output bin, averaged -> area filtering when shrinking
+    return roi_align(images, rois.to(images.dtype), (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    w = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * a + (1 - factor) * b).clamp(0, 1)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
+    safe = delta.clamp(min=1e-12)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, maxc], 1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack([torch.stack(c, 1) for c in
+                         [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]], 0)  # 6×B×3×H×W
+    return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1)).squeeze(0)
+
+
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    hsv = _rgb_to_hsv(x)
+    h = (hsv[:, :1] + shift) % 1.0
+    return _hsv_to_rgb(torch.cat([h, hsv[:, 1:]], 1)).clamp(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Per-sample Gaussian blur (B sigmas), reflect padding, separable grouped convolution."""
+    b, c, h, w = x.shape
+    half = (kernel - 1) / 2
+    t = torch.linspace(-half, half, kernel, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)               # (B·C)×K
+    y = F.pad(x.reshape(1, b * c, h, w), (kernel // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+class BatchedViews:
+    """uint8 batch B×C×H×W (any device) -> list of ``n_views`` normalized float B×C×S×S views."""
+
+    def __init__(self, recipe: ViewRecipe, generator: torch.Generator | None = None):
+        self.recipe = recipe
+        self.generator = generator
+
+    def _rand(self, *shape, device) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator).to(device)
+
+    def one_view(self, images: torch.Tensor) -> torch.Tensor:
+        r, dev = self.recipe, images.device
+        b, c, h, w = images.shape
+        x = images.float() / 255.0
+        boxes = sample_crop_boxes(b, h, w, r.crop_scale, r.crop_ratio, self.generator).to(dev)
+        x = resized_crop(x, boxes, r.size)
+        flip = (self._rand(b, device=dev) < r.flip_p).view(b, 1, 1, 1)
+        x = torch.where(flip, x.flip(-1), x)
+        x = self.color(x)
+        x = ((x - torch.tensor(r.mean, device=dev).view(1, c, 1, 1))
+             / torch.tensor(r.std, device=dev).view(1, c, 1, 1))
+        return x
+
+    def color(self, x: torch.Tensor) -> torch.Tensor:
+        """ColorJitter (random order per sample) with p, grayscale, blur, solarize; x in [0, 1]."""
+        r, dev = self.recipe, x.device
+        b, c = x.shape[:2]
+        bri, con, sat, hue = r.jitter
+        ops = [("b", bri), ("c", con)] + ([("s", sat), ("h", hue)] if c == 3 else [])
+        ops = [(name, a) for name, a in ops if a > 0]
+        if ops and r.jitter_p > 0:
+            apply = self._rand(b, device=dev) < r.jitter_p
+            factors = {}
+            for name, a in ops:
+                lo, hi = (-a, a) if name == "h" else (max(0.0, 1 - a), 1 + a)
+                factors[name] = (lo + (hi - lo) * self._rand(b, device=dev)).view(b, 1, 1, 1)
+            order = torch.argsort(torch.rand(b, len(ops), generator=self.generator), 1).to(dev)  # per-sample order
+            x = x.clone()
+            for pos in range(len(ops)):
+                for k, (name, _) in enumerate(ops):
+                    idx = torch.nonzero(apply & (order[:, pos] == k)).squeeze(1)
+                    if idx.numel() == 0:
+                        continue
+                    x[idx] = self._jitter_op(name, x[idx], factors[name][idx])
+        if r.gray_p > 0 and c == 3:
+            g = (self._rand(b, device=dev) < r.gray_p).view(b, 1, 1, 1)
+            x = torch.where(g, _gray(x).expand_as(x), x)
+        if r.blur_p > 0:
+            sel = (self._rand(b, device=dev) < r.blur_p).view(b, 1, 1, 1)
+            sigma = 0.1 + 1.9 * self._rand(b, device=dev)
+            x = torch.where(sel, gaussian_blur(x, sigma.to(x.dtype), r.blur_kernel), x)
+        if r.solarize_p > 0:
+            sel = (self._rand(b, device=dev) < r.solarize_p).view(b, 1, 1, 1)
+            x = torch.where(sel & (x >= 0.5), 1.0 - x, x)
+        return x
+
+    @staticmethod
+    def _jitter_op(name: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        if name == "b":                                   # brightness: blend with black
+            return (x * f).clamp(0, 1)
+        if name == "c":                                   # contrast: blend with the mean gray level
+            return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), f)
+        if name == "s":                                   # saturation: blend with the gray image
+            return _blend(x, _gray(x), f)
+        return _adjust_hue(x, f)                          # hue: rotate H in HSV
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.one_view(images) for _ in range(self.recipe.n_views)]

@@ -1,0 +1,92 @@
+"""SimCLR-style view recipe (Chen et al. 2020a, Appendix A; methods.md §0.6, §1).
+
+random resized crop -> flip -> colour jitter (b, c, s = 0.8s, h = 0.2s, random order, p)
+-> grayscale (p) -> Gaussian blur (p, sigma ~ U(0.1, 2), kernel ~10 % of the side)
+-> solarize (p) -> normalize.
+
+Two presets: ``small`` (28-32 px images: no blur, as the SimCLR CIFAR recipe) and
+``imagenet`` (224 px, blur p 0.5). Two interchangeable implementations draw the same
+distribution: ``build_per_sample_views`` (torchvision transforms v2, one image at a time,
+for DataLoader workers) and ``augment.batched.BatchedViews`` (a whole uint8 batch on the
+training device, per-sample random parameters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2 as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PRESETS = {
+    "small": {"size": 32, "blur_p": 0.0},
+    "imagenet": {"size": 224, "blur_p": 0.5},
+}
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """Resolved recipe parameters (no "auto" left); built from config.ViewsConfig."""
+    size: int
+    n_views: int = 2
+    crop_scale: tuple = (0.08, 1.0)
+    crop_ratio: tuple = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_strength: float = 1.0
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    @property
+    def jitter(self) -> tuple[float, float, float, float]:
+        s = self.jitter_strength
+        return 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s
+
+    @property
+    def blur_kernel(self) -> int:
+        k = max(3, int(round(0.1 * self.size)))
+        return k + 1 - k % 2          # odd
+
+
+def resolve_recipe(views_cfg, image_size: int, channels: int) -> ViewRecipe:
+    """Fill "auto" fields from the data: small images -> ``small`` preset, else ``imagenet``."""
+    preset = views_cfg.preset
+    if preset == "auto":
+        preset = "small" if image_size <= 64 else "imagenet"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown views preset {preset!r}; choose auto, {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+    return ViewRecipe(
+        size=views_cfg.size or p["size"], n_views=views_cfg.n_views, crop_scale=tuple(views_cfg.crop_scale),
+        flip_p=views_cfg.flip_p, jitter_strength=views_cfg.jitter_strength, jitter_p=views_cfg.jitter_p,
+        gray_p=views_cfg.gray_p, blur_p=p["blur_p"] if views_cfg.blur_p < 0 else views_cfg.blur_p,
+        solarize_p=views_cfg.solarize_p, mean=mean, std=std)
+
+
+def build_per_sample_views(recipe: ViewRecipe, channels: int = 3):
+    """A callable: one image (PIL or uint8 C×H×W tensor) -> list of ``n_views`` float C×S×S tensors."""
+    b, c, s, h = recipe.jitter
+    ops = [T.ToImage(),
+           T.RandomResizedCrop(recipe.size, scale=recipe.crop_scale, ratio=recipe.crop_ratio, antialias=True),
+           T.RandomHorizontalFlip(recipe.flip_p)]
+    if recipe.jitter_p > 0 and recipe.jitter_strength > 0:
+        ops.append(T.RandomApply([T.ColorJitter(b, c, s if channels == 3 else 0, h if channels == 3 else 0)],
+                                 p=recipe.jitter_p))
+    if recipe.gray_p > 0 and channels == 3:
+        ops.append(T.RandomGrayscale(recipe.gray_p))
+    if recipe.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(recipe.blur_kernel, sigma=(0.1, 2.0))], p=recipe.blur_p))
+    if recipe.solarize_p > 0:
+        ops.append(T.RandomSolarize(128, p=recipe.solarize_p))
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(recipe.mean, recipe.std)]
+    one = T.Compose(ops)
+
+    def make_views(image):
+        return [one(image) for _ in range(recipe.n_views)]
+    return make_views

@@ -1,0 +1,41 @@
+"""Data sources: built-in sets (in memory) and any folder of images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from selfsight.data.arrays import ArrayDataset
+from selfsight.data.builtin import SPLITS, fashion_mnist, torchvision_set
+
+BUILTIN = sorted(SPLITS)
+
+
+def build_dataset(spec: str, root: str = "", download: bool = True):
+    """``"fashion-mnist"``, ``"cifar10:test"``, ``"stl10:unlabeled"`` or a folder path.
+
+    A built-in name without a split means its training split. Folders may be labeled
+    (``root/<class>/...``) or not; see docs/data.md.
+    """
+    name, _, split = spec.partition(":")
+    if name in SPLITS and not Path(spec).exists():
+        split = split or "train"
+        if split not in SPLITS[name]:
+            raise ValueError(f"{name} has splits {', '.join(SPLITS[name])}, not {split!r}")
+        if name == "fashion-mnist":
+            return fashion_mnist(split, root, download)
+        return torchvision_set(name, split, root, download)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data {spec!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing folder")
+    from selfsight.data.folder import ImageFolder
+    return ImageFolder(path)
+
+
+def held_out_split(spec: str) -> str | None:
+    """The held-out split that goes with a built-in training split, if any."""
+    name = spec.partition(":")[0]
+    if name in SPLITS and "test" in SPLITS[name]:
+        return f"{name}:test"
+    return None
+
+
+__all__ = ["ArrayDataset", "build_dataset", "held_out_split", "BUILTIN"]

@@ -1,0 +1,492 @@
+"""ImageFolder: a cached, fault-tolerant index of a folder tree of images."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from selfsight.data.images import IMAGE_EXTENSIONS, BrokenImageError, load_image
+
+__all__ = ["ImageFolder", "default_cache_dir"]
+
+log = logging.getLogger("selfsight.data")
+
+SKIP_REASONS = (
+    "zero_byte",  # image extension but 0 bytes
+    "non_image",  # other extension
+    "hidden",  # names starting with "." (files, and directories not descended into)
+    "outside_root",  # symlinked file whose target is outside root (follow_symlinks=False)
+    "symlinked_dir",  # symlinked directory not followed (follow_symlinks=False)
+    "broken_link",  # dangling or looping symlink
+    "loop",  # directory already visited (symlink or bind-mount loop, follow_symlinks=True)
+    "unreadable_dir",  # directory that could not be listed
+    "special",  # sockets, fifos, devices
+)
+MAX_TRIES = 50  # load attempts per __getitem__ before giving up
+MAX_WARNINGS = 5  # load failures logged per process
+RACY_NS = 2_000_000_000  # a folder modified this close to a scan is rescanned next time
+_MAGIC = b"SELFSIGHT-INDEX 1\n"
+_warned = {"pid": -1, "n": 0}
+
+
+def default_cache_dir() -> str:
+    """``$SELFSIGHT_CACHE`` or ``~/.cache/selfsight``."""
+    return os.environ.get("SELFSIGHT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "selfsight"
+    )
+
+
+class ImageFolder(Dataset):
+    """All images below ``root`` (recursive), optionally labeled by first-level subfolder.
+
+    Items are ``{"image": RGB PIL image or transform(image), "label": int, "skipped": int}``;
+    unreadable files are skipped (the next index is used) and counted in ``skipped``.
+    See docs/data.md for layout, caching and symlink rules.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        labeled: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        refresh: bool = False,
+        follow_symlinks: bool = False,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.transform = transform
+        self.follow_symlinks = follow_symlinks
+        if not os.path.exists(self.root):
+            raise ValueError(f"image folder {self.root} does not exist")
+        if not os.path.isdir(self.root):
+            raise ValueError(f"image folder {self.root} is not a directory")
+
+        cache_dir = default_cache_dir() if cache_dir is None else os.fspath(cache_dir)
+        self.cache_path = _cache_path(cache_dir, self.root, follow_symlinks)
+        index = None if refresh else _read_cache(self.cache_path, self.root, follow_symlinks)
+        self.from_cache = index is not None
+        if index is None:
+            index = _scan(self.root, follow_symlinks)
+            if not index.n:
+                raise ValueError(_no_images_message(self.root, index.info))
+            _write_cache(self.cache_path, index)
+        info = index.info
+        self._blob = index.blob
+        self._offsets = index.offsets
+        self.skip_counts: dict[str, int] = {k: info["counts"].get(k, 0) for k in SKIP_REASONS}
+        self.first_skipped: list[str] = list(info["first_skipped"])
+        self._other_extensions: dict[str, int] = dict(info.get("other_extensions", {}))
+
+        groups = index.groups
+        names = info["groups"]
+        n_root = int(np.count_nonzero(groups < 0))
+        used = sorted({names[g] for g in np.unique(groups[groups >= 0]).tolist()})
+        if labeled is None:
+            labeled = n_root == 0 and len(used) >= 2
+        elif labeled and n_root:
+            example = self._path(int(np.flatnonzero(groups < 0)[0]))
+            raise ValueError(
+                f"labeled=True but {n_root} images lie directly in {self.root} (e.g. {example}); "
+                "put every image inside a class subfolder root/<class>/..."
+            )
+        self.labeled = bool(labeled)
+        if self.labeled:
+            self.classes: list[str] = used
+            lookup = {c: i for i, c in enumerate(used)}
+            table = np.array([lookup.get(nm, -1) for nm in names] or [-1], dtype=np.int32)
+            self._labels = table[groups]
+        else:
+            self.classes = []
+            self._labels = np.full(index.n, -1, dtype=np.int32)
+        self.samples = Samples(self._blob, self._offsets, self._labels)
+        self._bad: set[int] = set()
+        self._log_summary()
+
+    # ------------------------------------------------------------------ dataset API
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n, index = len(self), int(index)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        i = index % n
+        skipped = tries = 0
+        for _ in range(n):
+            if i not in self._bad:
+                path = os.path.join(self.root, self._path(i))
+                tries += 1
+                try:
+                    image = load_image(path)
+                except (BrokenImageError, OSError) as e:
+                    self._bad.add(i)
+                    why = e.reason if isinstance(e, BrokenImageError) else f"{type(e).__name__}: {e}"
+                    _warn_once(f"skipping unreadable image {path}: {why}")
+                    if tries >= MAX_TRIES:
+                        break
+                else:
+                    if self.transform is not None:
+                        image = self.transform(image)
+                    return {"image": image, "label": int(self._labels[i]), "skipped": skipped}
+            skipped += 1
+            i = (i + 1) % n
+        raise RuntimeError(
+            f"no readable image found in {tries} tries starting at index {index} of "
+            f"{self.root} ({len(self._bad)} unreadable files known so far)"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_bad"] = set()  # known-bad indices are per process
+        return state
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> dict[str, Any]:
+        """Counts of what was indexed and skipped (JSON-serialisable)."""
+        return {
+            "root": self.root,
+            "images": len(self),
+            "classes": len(self.classes),
+            "labeled": self.labeled,
+            "from_cache": self.from_cache,
+            "skipped_at_index": dict(self.skip_counts),
+            "first_skipped": list(self.first_skipped),
+            "other_extensions": dict(self._other_extensions),
+            "broken_at_load": len(self._bad),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageFolder({self.root!r}, images={len(self)}, classes={len(self.classes)}, "
+            f"labeled={self.labeled})"
+        )
+
+    def _path(self, i: int) -> str:
+        return _decode(self._blob[self._offsets[i] : self._offsets[i + 1] - 1])
+
+    def _log_summary(self) -> None:
+        skipped = {k: v for k, v in self.skip_counts.items() if v}
+        what = f"{len(self.classes)} classes" if self.labeled else "unlabeled"
+        log.info(
+            "indexed %s: %d images, %s%s; skipped %s",
+            self.root,
+            len(self),
+            what,
+            " (from cache)" if self.from_cache else "",
+            ", ".join(f"{k}={v}" for k, v in skipped.items()) or "nothing",
+        )
+        if skipped and self.first_skipped:
+            log.info("first skipped files: %s", ", ".join(self.first_skipped))
+
+
+class Samples(Sequence):
+    """Read-only ``Sequence[tuple[relpath, label]]`` over the compact index.
+
+    Kept as one bytes blob plus numpy arrays so that DataLoader workers neither copy
+    it page by page (refcounts) nor pickle a million tuples.
+    """
+
+    def __init__(self, blob: bytes, offsets: np.ndarray, labels: np.ndarray) -> None:
+        self._blob, self._offsets, self._labels = blob, offsets, labels
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        i %= n
+        path = _decode(self._blob[self._offsets[i] : self._offsets[i + 1] - 1])
+        return path, int(self._labels[i])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(other) == len(self) and all(a == tuple(b) for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(s) for s in self[:3])
+        return f"Samples([{head}{', ...' if len(self) > 3 else ''}], n={len(self)})"
+
+
+# ---------------------------------------------------------------------- indexing
+class _Index:
+    """Result of a scan: NUL-separated relpaths, first-level group per path, info."""
+
+    def __init__(self, blob: bytes, groups: np.ndarray, info: dict[str, Any]) -> None:
+        self.blob, self.groups, self.info = blob, groups, info
+        self.n = len(groups)
+        self.offsets = _offsets(blob, self.n) if self.n else np.zeros(1, dtype=np.int64)
+
+
+def _scan(root: str, follow: bool) -> _Index:
+    """Walk ``root`` with os.scandir (iterative; d_type only, lstat for images)."""
+    started = time.time_ns()
+    real_root = os.path.realpath(root)
+    counts: Counter[str] = Counter()
+    other_ext: Counter[str] = Counter()
+    first_skipped: list[str] = []
+    group_names: list[str] = []
+    group_mtimes: dict[str, int] = {}
+    per_group: dict[int, list[str]] = {-1: []}
+    root_st = os.stat(root)
+    visited = {(root_st.st_dev, root_st.st_ino)}
+    exts = IMAGE_EXTENSIONS
+    isdir, isreg = stat.S_ISDIR, stat.S_ISREG
+
+    def skip(reason: str, rel: str) -> None:
+        counts[reason] += 1
+        if len(first_skipped) < 5:
+            first_skipped.append(rel)
+
+    stack: list[tuple[str, str, int]] = [(root, "", -1)]
+    while stack:
+        path, prefix, group = stack.pop()
+        try:
+            it = os.scandir(path)
+        except OSError as e:
+            if not prefix:
+                raise ValueError(f"cannot list image folder {root}: {e}") from e
+            skip("unreadable_dir", prefix.rstrip("/"))
+            continue
+        files = per_group[group]
+        with it:
+            for entry in it:
+                name = entry.name
+                rel = prefix + name
+                if name[0] == ".":
+                    skip("hidden", rel)
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                elif entry.is_file(follow_symlinks=False):
+                    dot = name.rfind(".")
+                    ext = name[dot:].lower() if dot > 0 else ""
+                    if ext not in exts:
+                        other_ext[ext or "(none)"] += 1
+                        skip("non_image", rel)
+                    elif entry.stat(follow_symlinks=False).st_size == 0:
+                        skip("zero_byte", rel)
+                    else:
+                        files.append(rel)
+                    continue
+                elif entry.is_symlink():
+                    try:
+                        st = entry.stat()  # follows the link
+                    except OSError:
+                        skip("broken_link", rel)
+                        continue
+                    if isreg(st.st_mode):
+                        dot = name.rfind(".")
+                        ext = name[dot:].lower() if dot > 0 else ""
+                        if ext not in exts:
+                            other_ext[ext or "(none)"] += 1
+                            skip("non_image", rel)
+                        elif not follow and not _inside(os.path.realpath(entry.path), real_root):
+                            skip("outside_root", rel)
+                        elif st.st_size == 0:
+                            skip("zero_byte", rel)
+                        else:
+                            files.append(rel)
+                        continue
+                    if not isdir(st.st_mode):
+                        skip("special", rel)
+                        continue
+                    if not follow:
+                        skip("symlinked_dir", rel)
+                        continue
+                else:
+                    skip("special", rel)
+                    continue
+                # a directory (real, or a followed symlink)
+                key = (st.st_dev, st.st_ino)
+                if key in visited:
+                    skip("loop", rel)
+                    continue
+                visited.add(key)
+                g = group
+                if not prefix:
+                    g = len(group_names)
+                    group_names.append(name)
+                    group_mtimes[name] = st.st_mtime_ns
+                    per_group[g] = []
+                stack.append((entry.path, rel + "/", g))
+
+    # deterministic order: root files, then each first-level folder by name
+    paths: list[str] = []
+    groups: list[np.ndarray] = []
+    for g in sorted(per_group, key=lambda g: (g >= 0, group_names[g] if g >= 0 else "")):
+        lst = per_group[g]
+        lst.sort()
+        paths += lst
+        groups.append(np.full(len(lst), g, dtype=np.int32))
+    blob = "\0".join(paths).encode("utf-8", "surrogateescape")
+    info = {
+        "root": root,
+        "follow_symlinks": follow,
+        "extensions": sorted(exts),
+        "scanned_ns": started,
+        "root_mtime_ns": root_st.st_mtime_ns,
+        "dir_mtimes_ns": group_mtimes,
+        "groups": group_names,
+        "counts": dict(counts),
+        "other_extensions": dict(other_ext.most_common(10)),
+        "first_skipped": first_skipped,
+    }
+    return _Index(blob, np.concatenate(groups), info)
+
+
+def _inside(path: str, real_root: str) -> bool:
+    return path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _decode(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _offsets(blob: bytes, n: int) -> np.ndarray:
+    """Start of each path in ``blob`` plus a sentinel, so path i = blob[o[i]:o[i+1]-1]."""
+    seps = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 0)
+    if len(seps) != n - 1:
+        raise ValueError(f"corrupt index: {len(seps) + 1} paths for {n} labels")
+    out = np.empty(n + 1, dtype=np.int64)
+    out[0] = 0
+    out[1:n] = seps + 1
+    out[n] = len(blob) + 1
+    return out
+
+
+def _no_images_message(root: str, info: dict[str, Any]) -> str:
+    counts = {k: v for k, v in info["counts"].items() if v}
+    supported = ", ".join(sorted(IMAGE_EXTENSIONS))
+    if not counts:
+        return f"no images in {root}: the folder is empty; supported extensions: {supported}"
+    parts = []
+    for reason, n in counts.items():
+        if reason == "non_image":
+            exts = ", ".join(info["other_extensions"])
+            parts.append(f"{n} files with other extensions ({exts})")
+        else:
+            parts.append(f"{n} {reason.replace('_', '-')}")
+    return (
+        f"no images in {root}: found {'; '.join(parts)} (e.g. {', '.join(info['first_skipped'])});"
+        f" supported extensions: {supported}"
+    )
+
+
+# ---------------------------------------------------------------------- cache
+def _cache_path(cache_dir: str, root: str, follow: bool) -> str:
+    key = hashlib.sha1(root.encode("utf-8", "surrogateescape")).hexdigest()
+    return os.path.join(cache_dir, "index", key + ("-follow" if follow else "") + ".idx")
+
+
+def _write_cache(path: str, index: _Index) -> None:
+    """Atomically write the index (temp file + fsync + os.replace); warn on failure."""
+    header = dict(index.info, n=index.n, blob_len=len(index.blob))
+    data = [
+        _MAGIC,
+        json.dumps(header).encode("ascii") + b"\n",
+        index.groups.astype("<i4").tobytes(),
+        index.blob,
+    ]
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".idx")
+        with os.fdopen(fd, "wb") as f:
+            for chunk in data:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        log.warning("cannot write image index cache %s (%s); continuing without cache", path, e)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _read_cache(path: str, root: str, follow: bool) -> _Index | None:
+    """The cached index if it exists and is still valid for ``root``, else None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        if not data.startswith(_MAGIC):
+            raise ValueError("bad magic")
+        end = data.index(b"\n", len(_MAGIC))
+        info = json.loads(data[len(_MAGIC) : end])
+        n, blob_len = info["n"], info["blob_len"]
+        start = end + 1
+        groups = np.frombuffer(data, dtype="<i4", count=n, offset=start).astype(np.int32)
+        blob = data[start + 4 * n :]
+        if len(blob) != blob_len:
+            raise ValueError("truncated")
+        index = _Index(blob, groups, info)
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring corrupt image index cache %s (%s)", path, e)
+        return None
+    if info["root"] != root or info["follow_symlinks"] != follow:
+        return None
+    if info["extensions"] != sorted(IMAGE_EXTENSIONS):
+        return None
+    stale = _stale(root, info)
+    if stale:
+        log.info("rescanning %s: %s", root, stale)
+        return None
+    return index
+
+
+def _stale(root: str, info: dict[str, Any]) -> str:
+    """Why the cached index can't be trusted ("" if it can).
+
+    Compares the mtimes of root and its first-level folders; a folder modified less
+    than RACY_NS before the scan may have changed again within the same timestamp
+    tick, so such an index is never trusted (as git does for its index).
+    """
+    limit = info["scanned_ns"] - RACY_NS
+    dirs = {"": info["root_mtime_ns"], **info["dir_mtimes_ns"]}
+    for name, mtime in dirs.items():
+        path = os.path.join(root, name) if name else root
+        try:
+            now = os.stat(path).st_mtime_ns
+        except OSError:
+            return f"{path} is gone"
+        if now != mtime:
+            return f"{path} changed since it was indexed"
+        if mtime > limit:
+            return f"{path} was modified just before it was indexed"
+    return ""
+
+
+def _warn_once(msg: str) -> None:
+    """Log the first MAX_WARNINGS load failures of each process."""
+    pid = os.getpid()
+    if _warned["pid"] != pid:
+        _warned["pid"], _warned["n"] = pid, 0
+    _warned["n"] += 1
+    if _warned["n"] <= MAX_WARNINGS:
+        last = _warned["n"] == MAX_WARNINGS
+        log.warning("%s%s", msg, " (further failures in this process are not logged)" if last else "")

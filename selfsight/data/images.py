@@ -1,0 +1,126 @@
+"""Robust image decoding: any common file -> 8-bit RGB PIL image, or BrokenImageError."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "MAX_PIXELS", "BrokenImageError", "is_image_file", "load_image", "to_rgb",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+)
+"""Lower-case file extensions treated as images (compare with ``ext.lower()``)."""
+
+MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS
+"""Images with more pixels are rejected as decompression bombs (None: no own limit).
+
+PIL's own ``Image.MAX_IMAGE_PIXELS`` still applies on top of this; to accept larger
+images raise both.
+"""
+
+_WHITE = (255, 255, 255)
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+class BrokenImageError(ValueError):
+    """A file that cannot be decoded into an image."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(os.fspath(path), reason)
+        self.path = os.fspath(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def is_image_file(name: str) -> bool:
+    """True when ``name`` has one of the IMAGE_EXTENSIONS (case-insensitive)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Fully decode the first frame of ``path`` and return it as an RGB image.
+
+    Raises BrokenImageError for empty, truncated, oversized or non-image files; an
+    OSError from opening the file itself (missing file, no permission) propagates.
+    """
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise BrokenImageError(path, "zero-byte file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(f)
+                _check_pixels(path, img.size)
+                img.load()
+                return to_rgb(img)
+        except BrokenImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BrokenImageError(path, f"decompression bomb: {e}") from e
+        except Image.UnidentifiedImageError as e:
+            raise BrokenImageError(path, "not an image (unrecognised content)") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+            raise BrokenImageError(path, f"cannot decode: {type(e).__name__}: {e}") from e
+
+
+def _check_pixels(path: str | os.PathLike, size: tuple[int, int]) -> None:
+    if MAX_PIXELS is not None and size[0] * size[1] > MAX_PIXELS:
+        raise BrokenImageError(
+            path,
+            f"decompression bomb: {size[0]}x{size[1]} = {size[0] * size[1]} pixels "
+            f"exceeds MAX_PIXELS={MAX_PIXELS}",
+        )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a loaded image of any mode to 8-bit RGB.
+
+    Transparency is composited on white; 16/32-bit and float data are rescaled
+    (not clipped) to 0..255.
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        return Image.fromarray(_to_uint8(img)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    """Rescale a single-channel 16-bit, 32-bit int or float image to uint8."""
+    a = np.asarray(img)
+    if img.mode in _SIXTEEN_BIT:
+        full = 65535.0
+        lo = 0.0
+    elif img.mode == "I":
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo >= 0 and hi <= 255:
+            return a.astype(np.uint8)
+        if lo >= 0 and hi <= 65535:  # 16-bit data widened to 32-bit by the decoder
+            full, lo = 65535.0, 0.0
+        else:
+            full = float(hi - lo) or 1.0
+    else:  # "F"
+        a = np.nan_to_num(a.astype(np.float64))
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo >= 0.0 and hi <= 1.0:
+            full, lo = 1.0, 0.0
+        elif lo >= 0.0 and hi <= 255.0:
+            full, lo = 255.0, 0.0
+        else:
+            full = (hi - lo) or 1.0
+    out = (a.astype(np.float64) - lo) * (255.0 / full)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

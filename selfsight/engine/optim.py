@@ -1,0 +1,69 @@
+"""Optimizers with the usual parameter groups: no weight decay (and no LARS adaptation) on
+biases and normalization parameters (every parameter with ndim <= 1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017), FAIR flavour (``moco-v3:moco/optimizer.py``, ``mae:util/lars.py``).
+
+    For groups with ``lars=True``: dp = g + wd·p; dp *= eta·||p||/||dp|| (when both norms > 0);
+    mu = m·mu + dp; p -= lr·mu. Other groups get plain momentum SGD without decay. We pick
+    this flavour over SimCLR's TF one (lr inside the momentum buffer, methods.md §0.2): both
+    are the same up to how a changing lr enters the momentum.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 1e-3):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if g["lars"]:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    p_norm, d_norm = torch.norm(p), torch.norm(dp)
+                    trust = torch.where((p_norm > 0) & (d_norm > 0), g["trust_coefficient"] * p_norm / d_norm,
+                                        torch.ones_like(p_norm))
+                    dp = dp.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Two groups: ``decay`` (weights, ndim > 1) and ``no_decay`` (biases, norm params, tokens)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "apply_wd": True, "lars": True},
+            {"params": no_decay, "apply_wd": False, "lars": False, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg, device_type: str = "cpu") -> torch.optim.Optimizer:
+    groups = param_groups(model)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                 fused=fused or None)
+    if cfg.name == "lars":
+        return LARS(groups, lr=0.0, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                    trust_coefficient=cfg.trust_coefficient)
+    raise ValueError(f"optim.name must be sgd, adamw or lars, got {cfg.name!r}")

@@ -1,0 +1,342 @@
+"""The one training loop: backward, clipping, optimizer step, every schedule, AMP, DDP,
+checkpoints, logs and progress. Methods only compute ``{"loss": ...}`` (house plan)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from selfsight import __version__
+from selfsight.augment import resolve_recipe
+from selfsight.backbones import build_backbone
+from selfsight.config import RunConfig, save_config, to_dict
+from selfsight.data import build_dataset
+from selfsight.data.loader import ViewLoader
+from selfsight.engine.checkpoint import FORMAT_VERSION, atomic_save, rng_state, safe_load, set_rng_state
+from selfsight.engine.optim import build_optimizer
+from selfsight.engine.schedules import cosine, scaled_lr
+from selfsight.methods import METHODS
+from selfsight.nn.distributed import is_main, rank, world_size
+from selfsight.nn.sync_bn import convert_sync_batchnorm
+
+log = logging.getLogger("selfsight")
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def pick_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """None = fp32; else the autocast dtype. ``auto``: bf16 where the device runs it natively."""
+    if choice == "fp32":
+        return None
+    if choice not in ("auto", "bf16"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32, got {choice!r}")
+    ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+    if choice == "bf16" and not ok:
+        log.warning("bf16 requested but %s has no native bf16: it will be slow", device)
+    return torch.bfloat16 if (ok or choice == "bf16") else None
+
+
+def setup_distributed() -> torch.device:
+    """Join the process group that ``torchrun`` describes (NCCL on GPUs, gloo on CPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def build_method(cfg: RunConfig, channels: int, image_size: int) -> nn.Module:
+    spec = METHODS.get(cfg.method.name)
+    backbone = build_backbone(cfg.backbone, channels, image_size)
+    return spec.build(cfg.method, backbone)
+
+
+def preprocess_meta(recipe, channels: int) -> dict:
+    return {"size": recipe.size, "mean": list(recipe.mean), "std": list(recipe.std), "channels": channels}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, dataset=None):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        t = cfg.train
+        if not (t.epochs or t.steps or t.minutes):
+            raise ValueError("give a budget: train.epochs, train.steps or train.minutes (--epochs/--steps/--minutes)")
+        self.device = setup_distributed()
+        self.rank, self.world = rank(), world_size()
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        elif self.world > 1 and self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
+        torch.manual_seed(t.seed + self.rank)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.dataset = dataset if dataset is not None else build_dataset(cfg.data.train, cfg.data.root, cfg.data.download)
+        channels = getattr(self.dataset, "channels", 3)
+        native = getattr(self.dataset, "image_size", 224)
+        self.recipe = resolve_recipe(cfg.views, native, channels)
+        self.channels = channels
+        self.loader = ViewLoader(self.dataset, self.recipe, cfg.data.batch_size, self.device, self.rank, self.world,
+                                 t.seed, cfg.data.workers, cfg.data.device_augment)
+        self.model = build_method(cfg, channels, self.recipe.size).to(self.device)
+        self.channels_last = cfg.backbone.channels_last and cfg.backbone.name.startswith("resnet")
+        if self.channels_last:      # oneDNN (CPU) and cuDNN both run NHWC convolutions faster
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = pick_precision(t.precision, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.ddp = self.model
+        if self.world > 1:
+            if cfg.backbone.sync_bn:
+                self.model = convert_sync_batchnorm(self.model, self.device.type)
+                self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        spe = self.loader.steps_per_epoch
+        self.steps_per_epoch = spe
+        self.lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.base_batch, cfg.optim.lr_scaling)
+        self.total_steps = self._planned_steps()
+        self.step = 0
+        self.elapsed = 0.0            # training seconds over all sessions (for the minutes budget)
+        self.nonfinite_in_row = 0
+        self._stop_signal = None
+        self.writer = None
+
+    # ---- budget and schedules -------------------------------------------------------------
+    def _planned_steps(self) -> int:
+        t, spe = self.cfg.train, self.steps_per_epoch
+        limits = [int(x) for x in (t.steps, math.ceil(t.epochs * spe) if t.epochs else 0) if x]
+        if t.schedule_epochs:
+            limits.append(int(t.schedule_epochs * spe))
+        return min(limits) if limits else 0     # 0 = unknown until the throughput is measured (minutes only)
+
+    def warmup_steps(self) -> int:
+        o = self.cfg.optim
+        total = self.total_steps or 10 * self.steps_per_epoch
+        return int(o.warmup_epochs * self.steps_per_epoch) if o.warmup_epochs else int(o.warmup_fraction * total)
+
+    def schedule(self, step: int) -> dict:
+        o = self.cfg.optim
+        # a time budget's length is known after 10 steps; until then assume 10 epochs
+        total = max(self.total_steps or 10 * self.steps_per_epoch, step + 1)
+        lr = cosine(step, total, self.lr, o.min_lr, self.warmup_steps())
+        wd_end = o.weight_decay if o.weight_decay_end < 0 else o.weight_decay_end
+        wd = cosine(step, total, o.weight_decay, wd_end)
+        return {"step": step, "total_steps": total, "epoch": step / self.steps_per_epoch,
+                "progress": step / total, "lr": lr, "weight_decay": wd}
+
+    def _apply_schedule(self, sched: dict) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = sched["lr"]
+            if g.get("apply_wd", True):
+                g["weight_decay"] = sched["weight_decay"]
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "total_steps": self.total_steps,
+                "elapsed": self.elapsed, "rng": rng_state(), "loader": self.loader.state_dict(),
+                "config": to_dict(self.cfg),
+                "meta": {"method": self.cfg.method.name, "backbone": self.cfg.backbone.name,
+                         "preprocess": preprocess_meta(self.recipe, self.channels), "selfsight": __version__,
+                         "world_size": self.world}}
+
+    def save(self) -> None:
+        if is_main():
+            atomic_save(self.state(), self.run_dir / CHECKPOINT)
+        if self.world > 1:
+            dist.barrier()
+
+    def load(self, path: Path) -> None:
+        ck = safe_load(path, map_location=self.device)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.step, self.total_steps, self.elapsed = ck["step"], ck["total_steps"], ck["elapsed"]
+        if ck["meta"].get("world_size", 1) == self.world:
+            set_rng_state(ck["rng"])
+            self.loader.load_state_dict(ck["loader"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- logging ----------------------------------------------------------------------------
+    def _open_logs(self) -> None:
+        if not is_main():
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        if self.cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:
+                log.info("tensorboard is not installed (pip install 'selfsight[tensorboard]'): logging to metrics.jsonl only")
+
+    def _log(self, row: dict) -> None:
+        if not is_main():
+            return
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"train/{k}", v, row["step"])
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        ck_path = self.run_dir / CHECKPOINT
+        if self.resume and ck_path.exists():
+            self.load(ck_path)
+            self._resumed_at = self.step
+        elif ck_path.exists() and not self.resume:
+            raise TrainingError(f"{self.run_dir} already holds a run: pass --resume to continue it or choose another --out")
+        self._open_logs()
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if _in_main_thread() else {}
+        budget = t.minutes * 60 if t.minutes else math.inf
+        if is_main():
+            log.info("%s on %s: %d images, global batch %d (%d per process x %d), %d steps/epoch, lr %.4g "
+                     "(base %.4g, %s scaling), precision %s", cfg.method.name, self.device, len(self.dataset),
+                     cfg.data.batch_size, cfg.data.batch_size // self.world, self.world, self.steps_per_epoch,
+                     self.lr, cfg.optim.lr, cfg.optim.lr_scaling, self.amp_dtype or "fp32")
+        bar = None
+        if t.progress and is_main():
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps or None, initial=self.step, dynamic_ncols=True, unit="step")
+        self.model.train()
+        session_start = time.perf_counter()
+        start_elapsed = self.elapsed
+        window = {"loss": torch.zeros((), device=self.device), "n": 0, "t": time.perf_counter(),
+                  "wait": self.loader.wait, "aug": self.loader.augment_time, "skipped": 0, "nonfinite": 0}
+        done = False
+        while not done:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            for batch in self.loader.epoch(epoch, offset):
+                if self.channels_last:
+                    batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
+                sched = self.schedule(self.step)
+                self._apply_schedule(sched)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    out = self.ddp(batch, sched)
+                loss = out["loss"]
+                if not torch.isfinite(loss.detach()):
+                    self.nonfinite_in_row += 1
+                    window["nonfinite"] += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.nonfinite_in_row >= 10:
+                        raise TrainingError(f"loss was not finite for {self.nonfinite_in_row} steps in a row "
+                                            f"(step {self.step}); last good checkpoint kept in {ck_path}")
+                else:
+                    self.nonfinite_in_row = 0
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.optim.clip_grad > 0:
+                        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                    self.optimizer.step()
+                    if hasattr(self.model, "after_step"):
+                        self.model.after_step(sched)
+                    window["loss"] += loss.detach().float()
+                    window["n"] += 1
+                window["skipped"] += batch["skipped"]
+                self.step += 1
+                self.elapsed = start_elapsed + time.perf_counter() - session_start
+                if budget < math.inf and not self._planned_steps() and self.step >= 10 and self.step % 10 == 0:
+                    self._replan(budget, bar)
+                if self.step == 1 + getattr(self, "_resumed_at", 0):
+                    self._t_step1, self._s_step1 = self.elapsed, self.step
+                if bar is not None:
+                    bar.update(1)
+                if self.step % t.log_every == 0:
+                    self._flush_window(window, sched, bar)
+                stop = (self.total_steps and self.step >= self.total_steps) or self.elapsed >= budget \
+                    or self._stop_signal is not None
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not stop \
+                        and not self.nonfinite_in_row:          # never checkpoint inside a non-finite streak
+                    self.save()
+                if stop:
+                    done = True
+                    break
+        if window["n"]:
+            self._flush_window(window, self.schedule(self.step - 1), bar)
+        self.save()
+        if bar is not None:
+            bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if is_main():
+            self.metrics.close()
+            if self.writer is not None:
+                self.writer.close()
+        result = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "minutes": self.elapsed / 60,
+                  "run_dir": str(self.run_dir), "stopped_by_signal": self._stop_signal is not None}
+        if self._stop_signal is not None and is_main():
+            log.warning("stopped by signal %d at step %d; checkpoint written, resume with --resume",
+                        self._stop_signal, self.step)
+        return result
+
+    def _replan(self, budget: float, bar) -> None:
+        """Time budget without a step budget: the schedules' length is the steps that fit in the
+        budget at the throughput measured so far (after the first step), re-estimated every 10
+        steps so that a slower or faster machine still ends its cosine at the budget."""
+        rate = (self.step - self._s_step1) / max(self.elapsed - self._t_step1, 1e-9)
+        new_total = self.step + max(1, int((budget - self.elapsed) * rate))
+        first = self.total_steps == 0
+        self.total_steps = new_total
+        if first and is_main():
+            log.info("time budget %.1f min: schedules planned for ~%d steps (%.2f steps/s, re-estimated as it goes)",
+                     budget / 60, new_total, rate)
+        if bar is not None:
+            bar.total = new_total
+            bar.refresh()
+
+    def _flush_window(self, w: dict, sched: dict, bar) -> None:
+        now = time.perf_counter()
+        span = max(now - w["t"], 1e-9)
+        steps = max(w["n"] + w["nonfinite"], 1)
+        loss = (w["loss"] / max(w["n"], 1)).item()
+        wait = (self.loader.wait - w["wait"]) / span
+        aug = (self.loader.augment_time - w["aug"]) / span
+        ips = steps * self.cfg.data.batch_size / span
+        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss,
+               "lr": sched["lr"], "weight_decay": sched["weight_decay"], "images_per_s": ips,
+               "data_wait": wait, "augment_share": aug, "skipped_files": w["skipped"],
+               "nonfinite_steps": w["nonfinite"], "elapsed_min": self.elapsed / 60}
+        self._log(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", wait=f"{100 * wait:.0f}%")
+        w.update(loss=torch.zeros((), device=self.device), n=0, t=now, wait=self.loader.wait,
+                 aug=self.loader.augment_time, skipped=0, nonfinite=0)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, dataset=None) -> dict:
+    """Pretrain ``cfg.method`` and write ``run_dir/{checkpoint.pt, config.yaml, metrics.jsonl, tb/}``."""
+    return Trainer(cfg, run_dir, resume, dataset).fit()

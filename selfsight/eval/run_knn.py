@@ -1,0 +1,40 @@
+"""kNN evaluation of a run (or a baseline) on a train/test pair of data sets."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from selfsight.data import build_dataset
+from selfsight.eval.features import backbone_features, extract, load_run, pixel_features
+from selfsight.eval.knn import knn_accuracy
+
+
+def evaluate_knn(run: str, train: str, test: str, k: int = 20, temperature: float = 0.07,
+                 baseline: str | None = None, device: str | None = None, data_root: str = "",
+                 batch_size: int = 512) -> dict:
+    """kNN top-1/top-5 of the run's evaluation backbone, or of a baseline on the same data.
+
+    ``baseline="pixels"``: raw pixels at the run's input size, normalized as the run's inputs,
+    mean-centred with the training-set mean (the stronger pixel baseline). ``"random"``: the
+    same backbone at random initialisation.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    model, cfg, pre = load_run(run, device, random_init=baseline == "random")
+    if baseline not in (None, "pixels", "random"):
+        raise ValueError(f"--baseline must be pixels or random, got {baseline!r}")
+    train_set = build_dataset(train, data_root)
+    test_set = build_dataset(test, data_root)
+    if getattr(train_set, "labeled", True) is False or int(train_set.labels.max() if hasattr(train_set, "labels") else 0) < 0:
+        raise ValueError(f"kNN needs labels: {train!r} is unlabeled")
+    fn = pixel_features if baseline == "pixels" else backbone_features(model.backbone)
+    train_f, train_y = extract(fn, train_set, pre, device, batch_size)
+    test_f, test_y = extract(fn, test_set, pre, device, batch_size)
+    if baseline == "pixels":
+        mu = train_f.mean(0, keepdim=True)
+        train_f, test_f = train_f - mu, test_f - mu
+    acc = knn_accuracy(train_f, train_y, test_f, test_y, k, temperature)
+    return {"model": baseline or "trained", "method": cfg.method.name, "backbone": cfg.backbone.name,
+            "train": train, "test": test, "k": k, "temperature": temperature, **acc,
+            "feature_dim": int(train_f.shape[1]), "seconds": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,3 @@
+from selfsight.heads.mlp import ProjectionMLP
+
+__all__ = ["ProjectionMLP"]

@@ -1,0 +1,3 @@
+from selfsight.losses.nt_xent import nt_xent
+
+__all__ = ["nt_xent"]

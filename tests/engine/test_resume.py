@@ -1,0 +1,65 @@
+"""A run killed (SIGKILL) after a checkpoint and resumed produces the same next losses and the
+same final weights as an uninterrupted run (CPU, deterministic mode)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+
+ARGS = tiny_overrides(**{"train.deterministic": "true", "train.checkpoint_every": 10, "train.log_every": 1,
+                         "train.threads": 1})
+
+
+def cli(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "selfsight", "pretrain", "--method", "simclr", "--data", "fashion-mnist",
+            "--steps", "60", "--out", str(out), *extra, *ARGS]
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}          # a resumed step overwrites the killed run's
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tmp_path):
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    ref = tmp_path / "ref"
+    subprocess.run(cli(ref), check=True, env=env, capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cli(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = run / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ck.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ck.exists(), "no checkpoint was written before the kill"
+    killed_at = torch.load(ck, weights_only=True)["step"]
+    assert killed_at < 60
+
+    done = subprocess.run(cli(run, "--resume"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = losses(ref), losses(run)
+    later = [s for s in a if s > killed_at]
+    assert later and all(b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-7) for s in later)
+    wa = torch.load(ref / "checkpoint.pt", weights_only=True)["model"]
+    wb = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7, msg=f"final weight {k}")
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+    run = tmp_path / "r"
+    first = subprocess.run(cli(run)[:-len(ARGS)] + tiny_overrides(**{"train.steps": 2}), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(cli(run)[:-len(ARGS)] + tiny_overrides(**{"train.steps": 2}), capture_output=True, text=True)
+    assert again.returncode == 2
+    assert "--resume" in again.stderr and "Traceback" not in again.stderr

@@ -1,0 +1,87 @@
+"""The training loop on real Fashion-MNIST images: it learns, logs, budgets, survives NaN."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from selfsight.config import load_config
+from selfsight.engine.optim import LARS, param_groups
+from selfsight.engine.schedules import cosine, scaled_lr
+from selfsight.engine.trainer import Trainer, TrainingError, pretrain
+
+
+def test_simclr_learns_on_real_images(tmp_path, fmnist_small):
+    cfg = load_config(overrides=tiny_overrides(**{"train.steps": 120, "train.log_every": 10,
+                                                  "optim.lr": 0.3, "train.tensorboard": "true"}))
+    res = pretrain(cfg, tmp_path / "run", dataset=fmnist_small)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert res["steps"] == 120 and rows[-1]["step"] == 120
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    # NT-Xent of 2B=64 views starts near 2·ln(63) = 8.3; learning brings it well below
+    assert first > 7.0 and last < first - 1.0, (first, last)
+    for key in ("lr", "weight_decay", "images_per_s", "data_wait", "augment_share", "skipped_files"):
+        assert key in rows[-1]
+    assert rows[-1]["lr"] < rows[0]["lr"]                        # cosine decay
+    assert (tmp_path / "run" / "config.yaml").exists() and any((tmp_path / "run" / "tb").iterdir())
+
+
+def test_epoch_and_time_budgets(tmp_path, fmnist_small):
+    cfg = load_config(overrides=tiny_overrides(**{"train.epochs": 0.5}))
+    assert pretrain(cfg, tmp_path / "a", dataset=fmnist_small)["steps"] == 32   # 2048 images / 32 / 2
+    cfg = load_config(overrides=tiny_overrides(**{"train.minutes": 0.05}))
+    res = pretrain(cfg, tmp_path / "b", dataset=fmnist_small)
+    assert res["minutes"] == pytest.approx(0.05, abs=0.03) and res["steps"] > 10
+
+
+def test_no_budget_is_an_error(tmp_path, fmnist_small):
+    with pytest.raises(ValueError, match="budget"):
+        Trainer(load_config(overrides=tiny_overrides()), tmp_path, dataset=fmnist_small)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, fmnist_small, monkeypatch):
+    import selfsight.methods.simclr as simclr
+    real = simclr.nt_xent
+    calls = {"n": 0}
+
+    def flaky(z1, z2, t):
+        calls["n"] += 1
+        loss = real(z1, z2, t)
+        return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 12 else loss
+    monkeypatch.setattr(simclr, "nt_xent", flaky)
+    cfg = load_config(overrides=tiny_overrides(**{"train.steps": 50, "train.log_every": 1, "train.checkpoint_every": 5}))
+    tr = Trainer(cfg, tmp_path / "run", dataset=fmnist_small)
+    with pytest.raises(TrainingError, match="not finite for 10 steps"):
+        tr.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["nonfinite_steps"] for r in rows) >= 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())       # skipped steps changed nothing
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 10
+
+
+def test_cosine_schedule_with_warmup():
+    assert cosine(0, 100, 1.0, 0.0, warmup=10) == 0.0
+    assert cosine(5, 100, 1.0, 0.0, warmup=10) == pytest.approx(0.5)
+    assert cosine(10, 100, 1.0, 0.0, warmup=10) == pytest.approx(1.0)
+    assert cosine(55, 100, 1.0, 0.0, warmup=10) == pytest.approx(0.5)
+    assert cosine(100, 100, 1.0, 0.1, warmup=10) == pytest.approx(0.1)
+    assert scaled_lr(0.3, 4096, 256, "linear") == pytest.approx(4.8)
+    assert scaled_lr(0.075 * 16, 4096, 256, "sqrt") == pytest.approx(0.075 * 64)
+
+
+def test_param_groups_and_lars_update_follow_the_formula():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    groups = param_groups(net)
+    assert [p.shape for p in groups[0]["params"]] == [torch.Size([3, 4])]
+    assert len(groups[1]["params"]) == 3 and groups[1]["weight_decay"] == 0.0
+    opt = LARS(groups, lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=1e-3)
+    w0 = net[0].weight.detach().clone()
+    b0 = net[0].bias.detach().clone()
+    net(torch.randn(8, 4)).pow(2).sum().backward()
+    g, gb = net[0].weight.grad.clone(), net[0].bias.grad.clone()
+    opt.step()
+    dp = g + 0.1 * w0
+    expected = w0 - 0.5 * (1e-3 * w0.norm() / dp.norm()) * dp
+    torch.testing.assert_close(net[0].weight.detach(), expected)
+    torch.testing.assert_close(net[0].bias.detach(), b0 - 0.5 * gb)          # excluded: plain SGD, no decay

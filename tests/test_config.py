@@ -1,0 +1,50 @@
+import pytest
+
+from selfsight.config import ConfigError, load_config, parse_overrides, read_yaml, recipes_dir, save_config
+
+
+def test_misspelled_key_names_the_key_and_the_nearest_valid_one():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["optim.learning_rat=0.1"])
+    assert "'optim.learning_rat'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"did you mean 'optim.weight_decay'"):
+        load_config(overrides=["optim.wieght_decay=0.1"])
+    with pytest.raises(ConfigError, match=r"did you mean 'method.temperature'"):
+        load_config(overrides=["method.temprature=0.3"])          # the method's own schema
+    with pytest.raises(ConfigError, match=r"did you mean 'train'"):
+        load_config(overrides=["trian.steps=3"])
+
+
+def test_unknown_method_and_bad_values_are_clear_errors():
+    with pytest.raises(ConfigError, match=r"unknown method 'simclrr'; did you mean 'simclr'"):
+        load_config(overrides=["method.name=simclrr"])
+    with pytest.raises(ConfigError, match=r"'train.steps' must be an integer"):
+        load_config(overrides=["train.steps=abc"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+
+
+def test_precedence_method_defaults_then_yaml_then_flags_then_overrides(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("optim:\n  lr: 0.5\n  weight_decay: 5e-4\ntrain:\n  steps: 7\n")
+    cfg = load_config([str(f)])
+    assert cfg.optim.name == "lars" and cfg.optim.warmup_epochs == 10      # SimCLR's own defaults
+    assert cfg.optim.lr == 0.5 and cfg.optim.weight_decay == 5e-4 and cfg.train.steps == 7
+    cfg = load_config([str(f)], ["optim.lr=0.1", "views.crop_scale=[0.3,1.0]"], {"train": {"steps": 9}})
+    assert cfg.optim.lr == 0.1 and cfg.train.steps == 9 and cfg.views.crop_scale == (0.3, 1.0)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(["simclr_fashion_mnist"], ["method.temperature=0.3"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config([str(tmp_path / "c.yaml")])
+    assert again == cfg and again.method.temperature == 0.3
+
+
+def test_every_bundled_recipe_is_valid():
+    recipes = list(recipes_dir().glob("*.yaml"))
+    assert recipes
+    for r in recipes:
+        load_config([str(r)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_yaml("no_such_recipe")
