@@ -28,7 +28,7 @@ class DataConfig:
     batch_size: int = 256              # GLOBAL batch (all processes together)
     workers: int = -1                  # DataLoader workers per process; -1 = auto
     device_augment: str = "auto"       # batched augmentation on the training device: auto|on|off
-    download: bool = False             # allow torchvision downloads for built-in sets
+    download: bool = True              # built-in sets missing locally are downloaded by torchvision
 
 
 @dataclass
@@ -139,7 +139,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
         return float(value)
     if typ is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):             # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
         return str(value)
     if typ is tuple or origin is tuple:

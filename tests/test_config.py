@@ -48,3 +48,8 @@ def test_every_bundled_recipe_is_valid():
         load_config([str(r)])
     with pytest.raises(ConfigError, match="does not exist"):
         read_yaml("no_such_recipe")
+
+
+def test_yaml_on_off_reach_string_fields_as_on_off():
+    assert load_config(overrides=["data.device_augment=off"]).data.device_augment == "off"
+    assert load_config(overrides=["data.device_augment=on"]).data.device_augment == "on"

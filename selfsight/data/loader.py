@@ -41,8 +41,18 @@ class _BatchSampler:
             yield chunk[self.rank * self.local:(self.rank + 1) * self.local].tolist()
 
 
-def _first(items):
-    return items
+class _PerSample(torch.utils.data.Dataset):
+    """An in-memory set augmented one image at a time (``data.device_augment=off``)."""
+
+    def __init__(self, dataset: ArrayDataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        return {**item, "image": self.transform(item["image"])}
 
 
 def _stack_views(items: list[dict]) -> dict:
@@ -74,8 +84,12 @@ class ViewLoader:
                              "are augmented per sample in workers")
         self.generator = torch.Generator().manual_seed(seed * 7919 + rank)
         self.views = BatchedViews(recipe, self.generator)
-        if not self.batched and hasattr(dataset, "transform"):
-            dataset.transform = build_per_sample_views(recipe, channels=3)
+        if not self.batched:
+            per_sample = build_per_sample_views(recipe, channels=getattr(dataset, "channels", 3))
+            if isinstance(dataset, ArrayDataset):
+                self.dataset = _PerSample(dataset, per_sample)
+            else:
+                dataset.transform = per_sample
         self.workers = (0 if self.batched else 2) if workers < 0 else workers
         self.wait = 0.0
         self.augment_time = 0.0

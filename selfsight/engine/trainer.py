@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from selfsight import __version__
 from selfsight.augment import resolve_recipe
-from selfsight.backbones import build_backbone
+from selfsight.backbones import build_backbone, wrap
 from selfsight.config import RunConfig, save_config, to_dict
 from selfsight.data import build_dataset
 from selfsight.data.loader import ViewLoader
@@ -24,7 +24,7 @@ from selfsight.engine.checkpoint import FORMAT_VERSION, atomic_save, rng_state, 
 from selfsight.engine.optim import build_optimizer
 from selfsight.engine.schedules import cosine, scaled_lr
 from selfsight.methods import METHODS
-from selfsight.nn.distributed import is_main, rank, world_size
+from selfsight.nn.distributed import all_ranks_true, any_rank_true, is_main, rank, world_size
 from selfsight.nn.sync_bn import convert_sync_batchnorm
 
 log = logging.getLogger("selfsight")
@@ -67,10 +67,12 @@ def setup_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def build_method(cfg: RunConfig, channels: int, image_size: int) -> nn.Module:
+def build_method(cfg: RunConfig, channels: int, image_size: int, backbone: nn.Module | None = None) -> nn.Module:
+    """The method of ``cfg`` around ``backbone`` (default: the one ``cfg.backbone`` names)."""
     spec = METHODS.get(cfg.method.name)
-    backbone = build_backbone(cfg.backbone, channels, image_size)
-    return spec.build(cfg.method, backbone)
+    if backbone is None:
+        backbone = build_backbone(cfg.backbone, channels, image_size)
+    return spec.build(cfg.method, wrap(backbone, in_chans=channels, probe_size=image_size))
 
 
 def preprocess_meta(recipe, channels: int) -> dict:
@@ -78,7 +80,8 @@ def preprocess_meta(recipe, channels: int) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, dataset=None):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, dataset=None,
+                 backbone: nn.Module | None = None):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         t = cfg.train
         if not (t.epochs or t.steps or t.minutes):
@@ -99,8 +102,8 @@ class Trainer:
         self.channels = channels
         self.loader = ViewLoader(self.dataset, self.recipe, cfg.data.batch_size, self.device, self.rank, self.world,
                                  t.seed, cfg.data.workers, cfg.data.device_augment)
-        self.model = build_method(cfg, channels, self.recipe.size).to(self.device)
-        self.channels_last = cfg.backbone.channels_last and cfg.backbone.name.startswith("resnet")
+        self.model = build_method(cfg, channels, self.recipe.size, backbone).to(self.device)
+        self.channels_last = cfg.backbone.channels_last and backbone is None and cfg.backbone.name.startswith("resnet")
         if self.channels_last:      # oneDNN (CPU) and cuDNN both run NHWC convolutions faster
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = pick_precision(t.precision, self.device)
@@ -142,8 +145,12 @@ class Trainer:
         lr = cosine(step, total, self.lr, o.min_lr, self.warmup_steps())
         wd_end = o.weight_decay if o.weight_decay_end < 0 else o.weight_decay_end
         wd = cosine(step, total, o.weight_decay, wd_end)
-        return {"step": step, "total_steps": total, "epoch": step / self.steps_per_epoch,
-                "progress": step / total, "lr": lr, "weight_decay": wd}
+        sched = {"step": step, "total_steps": total, "epoch": step / self.steps_per_epoch,
+                 "progress": step / total, "lr": lr, "weight_decay": wd}
+        # values a method declares, e.g. {"momentum": (0.996, 1.0)}: cosine from start to end per step
+        for name, (start, end) in getattr(self.model, "schedules", dict)().items():
+            sched[name] = cosine(step, total, start, end)
+        return sched
 
     def _apply_schedule(self, sched: dict) -> None:
         for g in self.optimizer.param_groups:
@@ -227,10 +234,30 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps or None, initial=self.step, dynamic_ncols=True, unit="step")
         self.model.train()
-        session_start = time.perf_counter()
-        start_elapsed = self.elapsed
         window = {"loss": torch.zeros((), device=self.device), "n": 0, "t": time.perf_counter(),
                   "wait": self.loader.wait, "aug": self.loader.augment_time, "skipped": 0, "nonfinite": 0}
+        try:
+            self._loop(window, budget, bar, ck_path)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            if is_main():
+                self.metrics.close()
+                if self.writer is not None:
+                    self.writer.close()
+        result = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "minutes": self.elapsed / 60,
+                  "run_dir": str(self.run_dir), "stopped_by_signal": self._stop_signal is not None}
+        if self._stop_signal is not None and is_main():
+            log.warning("stopped by signal %d at step %d; checkpoint written, resume with --resume",
+                        self._stop_signal, self.step)
+        return result
+
+    def _loop(self, window: dict, budget: float, bar, ck_path: Path) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        session_start = time.perf_counter()
+        start_elapsed = self.elapsed
         done = False
         while not done:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
@@ -243,7 +270,7 @@ class Trainer:
                                     enabled=self.amp_dtype is not None):
                     out = self.ddp(batch, sched)
                 loss = out["loss"]
-                if not torch.isfinite(loss.detach()):
+                if not all_ranks_true(torch.isfinite(loss.detach())):
                     self.nonfinite_in_row += 1
                     window["nonfinite"] += 1
                     self.optimizer.zero_grad(set_to_none=True)
@@ -272,8 +299,9 @@ class Trainer:
                     bar.update(1)
                 if self.step % t.log_every == 0:
                     self._flush_window(window, sched, bar)
-                stop = (self.total_steps and self.step >= self.total_steps) or self.elapsed >= budget \
-                    or self._stop_signal is not None
+                # every rank must stop at the same step (clocks and signals differ between processes)
+                stop = any_rank_true(bool(self.total_steps and self.step >= self.total_steps)
+                                     or self.elapsed >= budget or self._stop_signal is not None)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not stop \
                         and not self.nonfinite_in_row:          # never checkpoint inside a non-finite streak
                     self.save()
@@ -283,20 +311,6 @@ class Trainer:
         if window["n"]:
             self._flush_window(window, self.schedule(self.step - 1), bar)
         self.save()
-        if bar is not None:
-            bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        if is_main():
-            self.metrics.close()
-            if self.writer is not None:
-                self.writer.close()
-        result = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "minutes": self.elapsed / 60,
-                  "run_dir": str(self.run_dir), "stopped_by_signal": self._stop_signal is not None}
-        if self._stop_signal is not None and is_main():
-            log.warning("stopped by signal %d at step %d; checkpoint written, resume with --resume",
-                        self._stop_signal, self.step)
-        return result
 
     def _replan(self, budget: float, bar) -> None:
         """Time budget without a step budget: the schedules' length is the steps that fit in the
@@ -325,6 +339,7 @@ class Trainer:
                "lr": sched["lr"], "weight_decay": sched["weight_decay"], "images_per_s": ips,
                "data_wait": wait, "augment_share": aug, "skipped_files": w["skipped"],
                "nonfinite_steps": w["nonfinite"], "elapsed_min": self.elapsed / 60}
+        row.update({k: v for k, v in sched.items() if k not in row and k not in ("total_steps", "progress")})
         self._log(row)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", wait=f"{100 * wait:.0f}%")
@@ -337,6 +352,12 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, dataset=None) -> dict:
-    """Pretrain ``cfg.method`` and write ``run_dir/{checkpoint.pt, config.yaml, metrics.jsonl, tb/}``."""
-    return Trainer(cfg, run_dir, resume, dataset).fit()
+def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, dataset=None,
+             backbone: nn.Module | None = None) -> dict:
+    """Pretrain ``cfg.method`` and write ``run_dir/{checkpoint.pt, config.yaml, metrics.jsonl, tb/}``.
+
+    ``dataset``: any data source (default: ``cfg.data.train``); ``backbone``: any ``nn.Module``
+    (wrapped behind the backbone contract; default: ``cfg.backbone``). A run with a custom
+    backbone is evaluated from Python: its checkpoint cannot rebuild the module by itself.
+    """
+    return Trainer(cfg, run_dir, resume, dataset, backbone).fit()

@@ -38,9 +38,10 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Evaluation resize: small images straight to ``size``; large ones shorter side to
     size·256/224, then the central size×size crop (the usual ImageNet protocol)."""
     h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
     if max(h, w) <= 64:
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True) \
-            if (h, w) != (size, size) else x
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     short = int(round(size * 256 / 224))
     scale = short / min(h, w)
     x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bilinear",
@@ -49,18 +50,25 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
-def _batches(dataset, batch_size: int, workers: int):
-    """Yield (uint8 or float images B×C×H×W, labels) from an array set or a folder."""
+def _batches(dataset, batch_size: int, workers: int, size: int):
+    """Yield (uint8 images B×C×H×W, labels) from an array set or a folder (folder images are
+    brought to the evaluation size by the same rule as ``_resize``, in the workers)."""
     if isinstance(dataset, ArrayDataset):
         for i in range(0, len(dataset), batch_size):
             yield dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
         return
     import torchvision.transforms.v2 as T
-    dataset.transform = T.Compose([T.ToImage(), T.Resize(256, antialias=True), T.CenterCrop(224)])
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        collate_fn=lambda items: (torch.stack([it["image"] for it in items]),
-                                                  torch.tensor([it["label"] for it in items])))
+    if size <= 64:
+        dataset.transform = T.Compose([T.ToImage(), T.Resize((size, size), antialias=True)])
+    else:
+        dataset.transform = T.Compose([T.ToImage(), T.Resize(round(size * 256 / 224), antialias=True),
+                                       T.CenterCrop(size)])
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval)
     yield from loader
+
+
+def _collate_eval(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
 
 
 @torch.no_grad()
@@ -70,7 +78,7 @@ def extract(fn, dataset, pre: dict, device="cpu", batch_size: int = 512, workers
     mean = torch.tensor(pre["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(pre["std"], device=device).view(1, -1, 1, 1)
     feats, labels = [], []
-    for images, y in _batches(dataset, batch_size, workers):
+    for images, y in _batches(dataset, batch_size, workers, pre["size"]):
         x = images.to(device).float() / 255.0
         x = (_resize(x, pre["size"]) - mean) / std
         with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

@@ -82,3 +82,23 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / world_size()
+
+
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """True when ``flag`` (a 0-d bool tensor) is true on every rank: ranks must agree before one
+    of them skips a step, or DDP's gradient all-reduce would wait forever."""
+    if world_size() == 1:
+        return bool(flag)
+    f = flag.to(torch.float32).reshape(1)
+    dist.all_reduce(f, op=dist.ReduceOp.MIN)
+    return bool(f.item() > 0)
+
+
+def any_rank_true(flag: bool) -> bool:
+    """True when ``flag`` is true on at least one rank (e.g. a stop condition)."""
+    if world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    f = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    return bool(f.item() > 0)

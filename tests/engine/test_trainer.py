@@ -85,3 +85,27 @@ def test_param_groups_and_lars_update_follow_the_formula():
     expected = w0 - 0.5 * (1e-3 * w0.norm() / dp.norm()) * dp
     torch.testing.assert_close(net[0].weight.detach(), expected)
     torch.testing.assert_close(net[0].bias.detach(), b0 - 0.5 * gb)          # excluded: plain SGD, no decay
+
+
+def test_any_module_as_backbone_and_method_declared_schedules(tmp_path, fmnist_small, monkeypatch):
+    import selfsight.methods.simclr as simclr
+    seen = []
+    monkeypatch.setattr(simclr.SimCLR, "schedules", lambda self: {"teacher_momentum": (0.9, 1.0)}, raising=False)
+    real = simclr.SimCLR.training_step
+
+    def spy(self, batch, sched):
+        seen.append(sched["teacher_momentum"])
+        return real(self, batch, sched)
+    monkeypatch.setattr(simclr.SimCLR, "training_step", spy)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, 2), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+    cfg = load_config(overrides=tiny_overrides(**{"train.steps": 11, "train.log_every": 5}))
+    res = pretrain(cfg, tmp_path / "run", dataset=fmnist_small, backbone=net)
+    assert res["steps"] == 11 and net[0].weight.grad is not None
+    assert seen[0] == pytest.approx(0.9) and seen[-1] > 0.99 and seen == sorted(seen)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "teacher_momentum" in rows[0]
+
+
+def test_per_sample_augmentation_in_workers_for_in_memory_sets(tmp_path, fmnist_small):
+    cfg = load_config(overrides=tiny_overrides(**{"train.steps": 3, "data.device_augment": "off", "data.workers": 1}))
+    assert pretrain(cfg, tmp_path / "run", dataset=fmnist_small)["steps"] == 3
