@@ -10,6 +10,12 @@ from selfsight.eval.features import backbone_features, extract, load_run, pixel_
 from selfsight.eval.knn import knn_accuracy
 
 
+def _has_labels(ds) -> bool:
+    if hasattr(ds, "labeled"):                       # ImageFolder
+        return bool(ds.labeled)
+    return bool((ds.labels >= 0).all())              # ArrayDataset (-1 = unlabeled)
+
+
 def evaluate_knn(run: str, train: str, test: str, k: int = 20, temperature: float = 0.07,
                  baseline: str | None = None, device: str | None = None, data_root: str = "",
                  batch_size: int = 512) -> dict:
@@ -26,8 +32,9 @@ def evaluate_knn(run: str, train: str, test: str, k: int = 20, temperature: floa
         raise ValueError(f"--baseline must be pixels or random, got {baseline!r}")
     train_set = build_dataset(train, data_root)
     test_set = build_dataset(test, data_root)
-    if getattr(train_set, "labeled", True) is False or int(train_set.labels.max() if hasattr(train_set, "labels") else 0) < 0:
-        raise ValueError(f"kNN needs labels: {train!r} is unlabeled")
+    for spec, ds in ((train, train_set), (test, test_set)):
+        if not _has_labels(ds):
+            raise ValueError(f"kNN needs labels: {spec!r} is unlabeled (a folder needs root/<class>/... sub-folders)")
     fn = pixel_features if baseline == "pixels" else backbone_features(model.backbone)
     train_f, train_y = extract(fn, train_set, pre, device, batch_size)
     test_f, test_y = extract(fn, test_set, pre, device, batch_size)
