@@ -109,3 +109,12 @@ def test_any_module_as_backbone_and_method_declared_schedules(tmp_path, fmnist_s
 def test_per_sample_augmentation_in_workers_for_in_memory_sets(tmp_path, fmnist_small):
     cfg = load_config(overrides=tiny_overrides(**{"train.steps": 3, "data.device_augment": "off", "data.workers": 1}))
     assert pretrain(cfg, tmp_path / "run", dataset=fmnist_small)["steps"] == 3
+
+
+def test_simclr_trains_a_vit(tmp_path, fmnist_small):
+    cfg = load_config(overrides=tiny_overrides(**{"train.steps": 3, "backbone.name": "vit_tiny",
+                                                  "backbone.patch_size": 7, "optim.name": "adamw",
+                                                  "optim.lr": 1e-3}))
+    res = pretrain(cfg, tmp_path / "vit", dataset=fmnist_small)
+    ck = torch.load(tmp_path / "vit" / "checkpoint.pt", weights_only=True)
+    assert res["steps"] == 3 and any(k.startswith("student.net.blocks.") for k in ck["model"])
