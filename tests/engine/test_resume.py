@@ -63,3 +63,21 @@ def test_existing_run_without_resume_is_refused(tmp_path):
     again = subprocess.run(cli(run)[:-len(ARGS)] + tiny_overrides(**{"train.steps": 2}), capture_output=True, text=True)
     assert again.returncode == 2
     assert "--resume" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    run = tmp_path / "pre-empted"
+    cmd = cli(run)[:-len(ARGS)] + tiny_overrides(**{"train.steps": 100000, "train.checkpoint_every": 5,
+                                                    "train.log_every": 1})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["stopped_by_signal"] is True
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 5 <= step < 100000
+    last_logged = max(losses(run))
+    assert step == last_logged                            # nothing trained after the last checkpoint is lost
