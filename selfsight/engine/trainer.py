@@ -107,12 +107,11 @@ class Trainer:
         if self.channels_last:      # oneDNN (CPU) and cuDNN both run NHWC convolutions faster
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = pick_precision(t.precision, self.device)
+        if self.world > 1 and cfg.backbone.sync_bn:      # global BN before the optimizer sees the parameters
+            self.model = convert_sync_batchnorm(self.model, self.device.type)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.ddp = self.model
         if self.world > 1:
-            if cfg.backbone.sync_bn:
-                self.model = convert_sync_batchnorm(self.model, self.device.type)
-                self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         spe = self.loader.steps_per_epoch
