@@ -84,21 +84,22 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / world_size()
 
 
-def all_ranks_true(flag: torch.Tensor) -> bool:
-    """True when ``flag`` (a 0-d bool tensor) is true on every rank: ranks must agree before one
-    of them skips a step, or DDP's gradient all-reduce would wait forever."""
+def _reduce_flag(flag: bool | torch.Tensor, op) -> bool:
+    """A boolean combined over ranks with MIN (all) or MAX (any); NCCL needs a CUDA tensor."""
     if world_size() == 1:
         return bool(flag)
-    f = flag.to(torch.float32).reshape(1)
-    dist.all_reduce(f, op=dist.ReduceOp.MIN)
-    return bool(f.item() > 0)
-
-
-def any_rank_true(flag: bool) -> bool:
-    """True when ``flag`` is true on at least one rank (e.g. a stop condition)."""
-    if world_size() == 1:
-        return flag
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    f = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    f = torch.as_tensor(flag, dtype=torch.float32).reshape(1).to(device)
+    dist.all_reduce(f, op=op)
     return bool(f.item() > 0)
+
+
+def all_ranks_true(flag: bool | torch.Tensor) -> bool:
+    """True when ``flag`` is true on every rank: ranks must agree before one of them skips a
+    step, or DDP's gradient all-reduce would wait forever."""
+    return _reduce_flag(flag, dist.ReduceOp.MIN)
+
+
+def any_rank_true(flag: bool | torch.Tensor) -> bool:
+    """True when ``flag`` is true on at least one rank (e.g. a stop condition)."""
+    return _reduce_flag(flag, dist.ReduceOp.MAX)
