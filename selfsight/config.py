@@ -40,10 +40,13 @@ class ViewsConfig:
     crop_scale: tuple = (0.08, 1.0)
     flip_p: float = 0.5
     jitter_strength: float = 1.0       # s in (0.8s, 0.8s, 0.8s, 0.2s)
+    jitter: tuple = ()                 # explicit [brightness, contrast, saturation, hue]; [] = the strength rule
     jitter_p: float = 0.8
     gray_p: float = 0.2
     blur_p: float = -1.0               # -1 = the preset's value
     solarize_p: float = 0.0
+    view_blur_p: tuple = ()            # per-view blur p, e.g. [1.0, 0.1] (BYOL, MoCo v3); [] = blur_p for all
+    view_solarize_p: tuple = ()        # per-view solarize p, e.g. [0.0, 0.2]; [] = solarize_p for all
 
 
 @dataclass
@@ -51,6 +54,7 @@ class BackboneConfig:
     name: str = "resnet18"
     small_stem: str = "none"           # ResNets: none | cifar (3x3 s1, no max-pool) | s2 (3x3 s2, no max-pool)
     width: int = 64                    # ResNets: channels of the first stage (64 = torchvision)
+    zero_init_residual: bool = False   # ResNets: last BN of each residual block starts at 0 (SimSiam)
     in_chans: int = 0                  # 0 = from the data (1 for gray, 3 for RGB)
     patch_size: int = 16               # ViTs
     img_size: int = 0                  # ViTs; 0 = the view size
@@ -72,6 +76,7 @@ class OptimConfig:
     weight_decay_end: float = -1.0     # -1 = constant weight decay
     momentum: float = 0.9
     betas: tuple = (0.9, 0.999)
+    decay_all: bool = False            # weight decay on biases and norm parameters too (MoCo v3's AdamW)
     clip_grad: float = 0.0             # max global grad norm; 0 = off
     trust_coefficient: float = 1e-3    # LARS eta
 

@@ -39,5 +39,24 @@ def tiny_overrides(**extra) -> list[str]:
             "data.batch_size": 32, "train.precision": "fp32", "train.progress": "false",
             "train.tensorboard": "false", "optim.name": "sgd", "optim.lr": 0.06, "optim.base_batch": 128,
             "optim.weight_decay": 5e-4, "optim.warmup_epochs": 0, "method.temperature": 0.5}
+    if extra.get("method.name") in ("simsiam", "byol"):           # no temperature in these methods
+        del base["method.temperature"]
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def small_knn(run, bank_set, test_set, n_test: int = 1000) -> dict:
+    """kNN top-1 (k 20, T 0.07) on the first ``n_test`` test images with ``bank_set`` as the bank,
+    for the run's trained backbone and for the same backbone at random init."""
+    from selfsight.data import ArrayDataset
+    from selfsight.eval.features import backbone_features, extract, load_run
+    from selfsight.eval.knn import knn_accuracy
+    test = ArrayDataset(test_set.images[:n_test].clone(), test_set.labels[:n_test].clone())
+    acc = {}
+    for name, random_init in (("random", True), ("trained", False)):
+        model, _, pre = load_run(run, "cpu", random_init=random_init)
+        fn = backbone_features(model.backbone)
+        bank, bank_y = extract(fn, bank_set, pre, "cpu", 512)
+        feats, y = extract(fn, test, pre, "cpu", 512)
+        acc[name] = knn_accuracy(bank, bank_y, feats, y, 20, 0.07)["top1"]
+    return acc

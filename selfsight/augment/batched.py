@@ -127,22 +127,22 @@ class BatchedViews:
     def _rand(self, *shape, device) -> torch.Tensor:
         return torch.rand(*shape, generator=self.generator).to(device)
 
-    def one_view(self, images: torch.Tensor) -> torch.Tensor:
-        r, dev = self.recipe, images.device
+    def one_view(self, images: torch.Tensor, recipe: ViewRecipe | None = None) -> torch.Tensor:
+        r, dev = recipe or self.recipe, images.device
         b, c, h, w = images.shape
         x = images.float() / 255.0
         boxes = sample_crop_boxes(b, h, w, r.crop_scale, r.crop_ratio, self.generator).to(dev)
         x = resized_crop(x, boxes, r.size)
         flip = (self._rand(b, device=dev) < r.flip_p).view(b, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
-        x = self.color(x)
+        x = self.color(x, r)
         x = ((x - torch.tensor(r.mean, device=dev).view(1, c, 1, 1))
              / torch.tensor(r.std, device=dev).view(1, c, 1, 1))
         return x
 
-    def color(self, x: torch.Tensor) -> torch.Tensor:
+    def color(self, x: torch.Tensor, recipe: ViewRecipe | None = None) -> torch.Tensor:
         """ColorJitter (random order per sample) with p, grayscale, blur, solarize; x in [0, 1]."""
-        r, dev = self.recipe, x.device
+        r, dev = recipe or self.recipe, x.device
         b, c = x.shape[:2]
         bri, con, sat, hue = r.jitter
         ops = [("b", bri), ("c", con)] + ([("s", sat), ("h", hue)] if c == 3 else [])
@@ -184,4 +184,4 @@ class BatchedViews:
         return _adjust_hue(x, f)                          # hue: rotate H in HSV
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [self.one_view(images) for _ in range(self.recipe.n_views)]
+        return [self.one_view(images, self.recipe.for_view(i)) for i in range(self.recipe.n_views)]

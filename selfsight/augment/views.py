@@ -4,6 +4,10 @@ random resized crop -> flip -> colour jitter (b, c, s = 0.8s, h = 0.2s, random o
 -> grayscale (p) -> Gaussian blur (p, sigma ~ U(0.1, 2), kernel ~10 % of the side)
 -> solarize (p) -> normalize.
 
+Per-view differences (BYOL / MoCo v3: blur p 1.0 / 0.1, solarize p 0 / 0.2) come from
+``view_blur_p`` / ``view_solarize_p``; explicit jitter values (MoCo: (0.4, 0.4, 0.4, 0.1))
+from ``jitter_values``, which replace the strength rule.
+
 Two presets: ``small`` (28-32 px images: no blur, as the SimCLR CIFAR recipe) and
 ``imagenet`` (224 px, blur p 0.5). Two interchangeable implementations draw the same
 distribution: ``build_per_sample_views`` (torchvision transforms v2, one image at a time,
@@ -12,7 +16,7 @@ training device, per-sample random parameters).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torchvision.transforms.v2 as T
@@ -41,11 +45,22 @@ class ViewRecipe:
     solarize_p: float = 0.0
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    jitter_values: tuple = ()          # explicit (brightness, contrast, saturation, hue); () = strength rule
+    view_blur_p: tuple = ()            # per-view blur p (view i uses entry i mod len); () = blur_p
+    view_solarize_p: tuple = ()        # per-view solarize p; () = solarize_p
 
     @property
     def jitter(self) -> tuple[float, float, float, float]:
+        if self.jitter_values:
+            return tuple(float(v) for v in self.jitter_values)
         s = self.jitter_strength
         return 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s
+
+    def for_view(self, i: int) -> "ViewRecipe":
+        """The recipe of view ``i`` (per-view blur and solarize resolved)."""
+        blur = self.view_blur_p[i % len(self.view_blur_p)] if self.view_blur_p else self.blur_p
+        sol = self.view_solarize_p[i % len(self.view_solarize_p)] if self.view_solarize_p else self.solarize_p
+        return replace(self, blur_p=float(blur), solarize_p=float(sol), view_blur_p=(), view_solarize_p=())
 
     @property
     def blur_kernel(self) -> int:
@@ -61,21 +76,35 @@ def resolve_recipe(views_cfg, image_size: int, channels: int) -> ViewRecipe:
     if preset not in PRESETS:
         raise ValueError(f"unknown views preset {preset!r}; choose auto, {', '.join(PRESETS)}")
     p = PRESETS[preset]
+    blur_p = p["blur_p"] if views_cfg.blur_p < 0 else views_cfg.blur_p
+    if len(views_cfg.jitter) not in (0, 4):
+        raise ValueError(f"views.jitter must be [brightness, contrast, saturation, hue], got {list(views_cfg.jitter)}")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
     return ViewRecipe(
         size=views_cfg.size or p["size"], n_views=views_cfg.n_views, crop_scale=tuple(views_cfg.crop_scale),
         flip_p=views_cfg.flip_p, jitter_strength=views_cfg.jitter_strength, jitter_p=views_cfg.jitter_p,
-        gray_p=views_cfg.gray_p, blur_p=p["blur_p"] if views_cfg.blur_p < 0 else views_cfg.blur_p,
-        solarize_p=views_cfg.solarize_p, mean=mean, std=std)
+        gray_p=views_cfg.gray_p, blur_p=blur_p, solarize_p=views_cfg.solarize_p, mean=mean, std=std,
+        jitter_values=tuple(views_cfg.jitter),
+        # per-view blur only where blurring is on (the small preset never blurs unless blur_p is set)
+        view_blur_p=tuple(views_cfg.view_blur_p) if blur_p > 0 else (),
+        view_solarize_p=tuple(views_cfg.view_solarize_p))
 
 
 def build_per_sample_views(recipe: ViewRecipe, channels: int = 3):
     """A callable: one image (PIL or uint8 C×H×W tensor) -> list of ``n_views`` float C×S×S tensors."""
+    per_view = [_one_view_transform(recipe.for_view(i), channels) for i in range(recipe.n_views)]
+
+    def make_views(image):
+        return [t(image) for t in per_view]
+    return make_views
+
+
+def _one_view_transform(recipe: ViewRecipe, channels: int):
     b, c, s, h = recipe.jitter
     ops = [T.ToImage(),
            T.RandomResizedCrop(recipe.size, scale=recipe.crop_scale, ratio=recipe.crop_ratio, antialias=True),
            T.RandomHorizontalFlip(recipe.flip_p)]
-    if recipe.jitter_p > 0 and recipe.jitter_strength > 0:
+    if recipe.jitter_p > 0 and any(v > 0 for v in recipe.jitter):
         ops.append(T.RandomApply([T.ColorJitter(b, c, s if channels == 3 else 0, h if channels == 3 else 0)],
                                  p=recipe.jitter_p))
     if recipe.gray_p > 0 and channels == 3:
@@ -85,8 +114,4 @@ def build_per_sample_views(recipe: ViewRecipe, channels: int = 3):
     if recipe.solarize_p > 0:
         ops.append(T.RandomSolarize(128, p=recipe.solarize_p))
     ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(recipe.mean, recipe.std)]
-    one = T.Compose(ops)
-
-    def make_views(image):
-        return [one(image) for _ in range(recipe.n_views)]
-    return make_views
+    return T.Compose(ops)

@@ -9,7 +9,8 @@ BACKBONES = Registry("backbone")
 
 for _name in DEPTHS:
     BACKBONES.register(_name)(
-        lambda cfg, in_chans, image_size, _n=_name: ResNetBackbone(_n, in_chans, cfg.small_stem, width=cfg.width))
+        lambda cfg, in_chans, image_size, _n=_name: ResNetBackbone(_n, in_chans, cfg.small_stem, width=cfg.width,
+                                                                  zero_init_residual=cfg.zero_init_residual))
 for _name in SIZES:
     BACKBONES.register(_name)(
         lambda cfg, in_chans, image_size, _n=_name: ViTBackbone(_n, cfg.img_size or image_size, cfg.patch_size,

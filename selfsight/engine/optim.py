@@ -43,20 +43,30 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Two groups: ``decay`` (weights, ndim > 1) and ``no_decay`` (biases, norm params, tokens)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, decay_all: bool = False) -> list[dict]:
+    """Two groups: ``decay`` (weights, ndim > 1) and ``no_decay`` (biases, norm params, tokens).
+    ``decay_all``: weight decay on the second group too (MoCo v3's AdamW decays every parameter);
+    LARS still leaves it unadapted. Frozen parameters (momentum encoders) are left out. Parameters a
+    method lists in ``fixed_lr_parameters()`` get groups of their own flagged ``fixed_lr``."""
+    fixed = {id(p) for p in getattr(model, "fixed_lr_parameters", list)()}
+    groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "apply_wd": True, "lars": True},
-            {"params": no_decay, "apply_wd": False, "lars": False, "weight_decay": 0.0}]
+        groups.setdefault((skip, id(p) in fixed), []).append(p)
+    rest = {"apply_wd": True, "lars": False} if decay_all else {"apply_wd": False, "lars": False, "weight_decay": 0.0}
+    out = []
+    for (skip, fixed_lr), params in sorted(groups.items()):
+        g = {"params": params, **(rest if skip else {"apply_wd": True, "lars": True})}
+        if fixed_lr:            # kept at the base lr by the engine (SimSiam's --fix-pred-lr)
+            g["fixed_lr"] = True
+        out.append(g)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg, device_type: str = "cpu") -> torch.optim.Optimizer:
-    groups = param_groups(model)
+    groups = param_groups(model, cfg.decay_all)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":

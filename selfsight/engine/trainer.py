@@ -20,6 +20,7 @@ from selfsight.backbones import build_backbone, wrap
 from selfsight.config import RunConfig, save_config, to_dict
 from selfsight.data import build_dataset
 from selfsight.data.loader import ViewLoader
+from selfsight.engine.monitor import collapse_warning, embedding_stats
 from selfsight.engine.checkpoint import FORMAT_VERSION, atomic_save, rng_state, safe_load, set_rng_state
 from selfsight.engine.optim import build_optimizer
 from selfsight.engine.schedules import cosine, scaled_lr
@@ -112,8 +113,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.ddp = self.model
         if self.world > 1:
+            # buffers are not broadcast from rank 0 each step: a MoCo queue is identical on every rank
+            # already (gathered keys) and per-process BN statistics are each process's own on purpose
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         spe = self.loader.steps_per_epoch
         self.steps_per_epoch = spe
         self.lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.base_batch, cfg.optim.lr_scaling)
@@ -121,6 +125,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0            # training seconds over all sessions (for the minutes budget)
         self.nonfinite_in_row = 0
+        self.collapse_warnings = 0
         self._stop_signal = None
         self.writer = None
 
@@ -153,7 +158,7 @@ class Trainer:
 
     def _apply_schedule(self, sched: dict) -> None:
         for g in self.optimizer.param_groups:
-            g["lr"] = sched["lr"]
+            g["lr"] = self.lr if g.get("fixed_lr") else sched["lr"]       # fixed: e.g. SimSiam's predictor
             if g.get("apply_wd", True):
                 g["weight_decay"] = sched["weight_decay"]
 
@@ -269,6 +274,8 @@ class Trainer:
                                     enabled=self.amp_dtype is not None):
                     out = self.ddp(batch, sched)
                 loss = out["loss"]
+                if "embedding" in out and (self.step + 1) % t.log_every == 0 and is_main():
+                    window["monitor"] = embedding_stats(out["embedding"])
                 if not all_ranks_true(torch.isfinite(loss.detach())):
                     self.nonfinite_in_row += 1
                     window["nonfinite"] += 1
@@ -339,9 +346,16 @@ class Trainer:
                "data_wait": wait, "augment_share": aug, "skipped_files": w["skipped"],
                "nonfinite_steps": w["nonfinite"], "elapsed_min": self.elapsed / 60}
         row.update({k: v for k, v in sched.items() if k not in row and k not in ("total_steps", "progress")})
+        row.update(w.pop("monitor", {}))
         self._log(row)
+        warning = collapse_warning(row)
+        if warning and is_main():
+            self.collapse_warnings += 1
+            if self.collapse_warnings in (1, 2, 5) or self.collapse_warnings % 20 == 0:
+                log.warning("step %d: %s (see docs/methods.md, collapse)", self.step, warning)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", wait=f"{100 * wait:.0f}%")
+            extra = {"collapse": "YES"} if warning else {}
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", wait=f"{100 * wait:.0f}%", **extra)
         w.update(loss=torch.zeros((), device=self.device), n=0, t=now, wait=self.loader.wait,
                  aug=self.loader.augment_time, skipped=0, nonfinite=0)
 

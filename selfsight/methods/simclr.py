@@ -50,7 +50,7 @@ class SimCLR(nn.Module):
 
     def finetune_network(self) -> nn.Module:
         """SimCLR v2: the encoder followed by the first ``finetune_head_layers`` projector layers."""
-        keep = list(self.projector.children())[:3 * self.params.finetune_head_layers]   # Linear, BN, ReLU per layer
+        keep = self.projector.leading_layers(self.params.finetune_head_layers)          # Linear, BN, ReLU per layer
         return nn.Sequential(self.student, *keep) if keep else self.student
 
     def training_step(self, batch: dict, sched: dict) -> dict:
@@ -58,7 +58,7 @@ class SimCLR(nn.Module):
         h = self.student(torch.cat([v1, v2], 0))                     # 2B×D
         z1, z2 = self.projector(h).chunk(2)                          # B×d each
         loss = nt_xent(z1, z2, self.params.temperature)
-        return {"loss": loss}
+        return {"loss": loss, "embedding": z1.detach()}
 
     def forward(self, batch: dict, sched: dict) -> dict:            # so DDP can wrap the method
         return self.training_step(batch, sched)

@@ -28,8 +28,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
         return torch.cat(parts, 0)
 
     @staticmethod
@@ -71,9 +72,17 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """B×... on each rank -> (world·B)×..., rank-ordered, detached (MoCo keys, logging)."""
     if world_size() == 1:
         return x.detach()
+    x = x.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts, 0)
+
+
+def broadcast_from_main(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``x`` on every rank (in place); a no-op in one process."""
+    if world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

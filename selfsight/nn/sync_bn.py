@@ -46,7 +46,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
-    """Every BatchNorm*d -> torch's SyncBatchNorm (GPUs) or GlobalBatchNorm (CPUs)."""
+    """Every BatchNorm*d -> torch's SyncBatchNorm (GPUs) or GlobalBatchNorm (CPUs).
+
+    A module holding MoCo's SplitBatchNorm (shuffle-BN) is returned unchanged: its per-process
+    statistics are the point, and global statistics would let queries and keys "cheat"."""
+    from selfsight.nn.shuffle_bn import SplitBatchNorm
+    if any(isinstance(m, SplitBatchNorm) for m in module.modules()):
+        return module
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     out = module

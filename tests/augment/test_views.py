@@ -94,3 +94,33 @@ def test_presets_resolve_from_the_data():
     with pytest.raises(ValueError, match="preset"):
         resolve_recipe(ViewsConfig(preset="huge"), 28, 1)
     assert math.isclose(small.jitter[0], 0.8)
+
+
+def test_per_view_blur_and_solarize_and_explicit_jitter_resolve():
+    cfg = ViewsConfig(jitter=(0.4, 0.4, 0.2, 0.1), view_blur_p=(1.0, 0.1), view_solarize_p=(0.0, 0.2))
+    big = resolve_recipe(cfg, 500, 3)
+    assert big.jitter == (0.4, 0.4, 0.2, 0.1)
+    assert [(big.for_view(i).blur_p, big.for_view(i).solarize_p) for i in range(3)] == \
+        [(1.0, 0.0), (0.1, 0.2), (1.0, 0.0)]                     # entries cycle over more views
+    small = resolve_recipe(cfg, 28, 1)                           # small images: no blur, solarize kept
+    assert [(small.for_view(i).blur_p, small.for_view(i).solarize_p) for i in range(2)] == [(0.0, 0.0), (0.0, 0.2)]
+    with pytest.raises(ValueError, match="brightness"):
+        resolve_recipe(ViewsConfig(jitter=(0.4, 0.4)), 28, 1)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_views_differ_as_the_recipe_says(fmnist_small, batched):
+    """View 1 never solarized, view 2 always; no other randomness (full crops, no flip/jitter)."""
+    recipe = ViewRecipe(size=28, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
+                        gray_p=0.0, mean=(0.0,), std=(1.0,), view_solarize_p=(0.0, 1.0))
+    images = fmnist_small.images[:8]
+    if batched:
+        v1, v2 = BatchedViews(recipe, torch.Generator().manual_seed(0))(images)
+    else:
+        make = build_per_sample_views(recipe, channels=1)
+        pairs = [make(img) for img in images]
+        v1, v2 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    x = images.float() / 255
+    torch.testing.assert_close(v1, x, atol=1e-6, rtol=0)
+    sol = torch.where(images >= 128, 255 - images, images).float() / 255
+    torch.testing.assert_close(v2, sol, atol=1.5 / 255, rtol=0)

@@ -17,9 +17,12 @@ ARGS = tiny_overrides(**{"train.deterministic": "true", "train.checkpoint_every"
                          "train.threads": 1})
 
 
-def cli(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "selfsight", "pretrain", "--method", "simclr", "--data", "fashion-mnist",
-            "--steps", "60", "--out", str(out), *extra, *ARGS]
+METHOD_ARGS = {"simclr": [], "mocov2": ["method.queue_size=256"]}   # MoCo: the queue must resume too
+
+
+def cli(out: Path, *extra: str, method: str = "simclr") -> list[str]:
+    return [sys.executable, "-m", "selfsight", "pretrain", "--method", method, "--data", "fashion-mnist",
+            "--steps", "60", "--out", str(out), *extra, *METHOD_ARGS[method], *ARGS]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -28,13 +31,14 @@ def losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("method", ["simclr", "mocov2"])
+def test_killed_run_resumes_exactly(tmp_path, method):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     ref = tmp_path / "ref"
-    subprocess.run(cli(ref), check=True, env=env, capture_output=True)
+    subprocess.run(cli(ref, method=method), check=True, env=env, capture_output=True)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(cli(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli(run, method=method), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = run / "checkpoint.pt"
     deadline = time.time() + 120
     while not ck.exists() and time.time() < deadline and proc.poll() is None:
@@ -45,13 +49,17 @@ def test_killed_run_resumes_exactly(tmp_path):
     killed_at = torch.load(ck, weights_only=True)["step"]
     assert killed_at < 60
 
-    done = subprocess.run(cli(run, "--resume"), env=env, capture_output=True, text=True)
+    done = subprocess.run(cli(run, "--resume", method=method), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     a, b = losses(ref), losses(run)
     later = [s for s in a if s > killed_at]
     assert later and all(b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-7) for s in later)
     wa = torch.load(ref / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert wa.keys() == wb.keys()
+    if method == "mocov2":                  # the queue (all 256 rows written over 60 steps) and its pointer
+        assert int(wb["queue_ptr"]) == int(wa["queue_ptr"])
+        torch.testing.assert_close(wb["queue"], wa["queue"], rtol=1e-6, atol=1e-7)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7, msg=f"final weight {k}")
 

@@ -1,0 +1,32 @@
+"""Momentum (EMA) encoders: theta_k <- m·theta_k + (1 - m)·theta_q over parameters only
+(methods.md §0.3, pitfall 24): BN running statistics stay the momentum encoder's own."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of ``module`` to be updated by EMA (no gradients, not seen by optimizers)."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def _params(modules) -> list[torch.Tensor]:
+    modules = [modules] if isinstance(modules, nn.Module) else modules
+    return [p for m in modules for p in m.parameters()]
+
+
+@torch.no_grad()
+def momentum_update(target, online, m: float) -> None:
+    """EMA step over a module (or a list of modules) and its online twin(s), parameters zipped
+    in order (the two sides have the same structure)."""
+    t_params, o_params = _params(target), _params(online)
+    if len(t_params) != len(o_params):
+        raise ValueError(f"momentum encoder has {len(t_params)} parameters, online encoder {len(o_params)}")
+    # lerp: t + (1 - m)(o - t) = m·t + (1 - m)·o, fused over all tensors
+    torch._foreach_lerp_(t_params, [p.detach() for p in o_params], 1.0 - m)
