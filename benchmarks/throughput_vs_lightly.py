@@ -184,7 +184,7 @@ def main() -> None:
     print("| run | images/s | data wait | peak memory (MB) | vs lightly |\n|---|---|---|---|---|")
     for name, r in rows.items():
         method = CONFIGS[name][0]
-        ref = next((v["images_per_s"] for n, v in rows.items() if CONFIGS[n][0] == method and "lightly" in n), None)
+        ref = next((v["images_per_s"] for n, v in rows.items() if CONFIGS[n][0] == method and n.endswith("lightly plain loop")), None)
         ratio = f"{r['images_per_s'] / ref:.2f}x" if ref else "n/a"
         print(f"| {name} | {r['images_per_s']:.0f} | {100 * r['data_wait']:.1f} % | {r['peak_mb']:.0f} | {ratio} |")
 

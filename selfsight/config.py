@@ -47,6 +47,10 @@ class ViewsConfig:
     solarize_p: float = 0.0
     view_blur_p: tuple = ()            # per-view blur p, e.g. [1.0, 0.1] (BYOL, MoCo v3); [] = blur_p for all
     view_solarize_p: tuple = ()        # per-view solarize p, e.g. [0.0, 0.2]; [] = solarize_p for all
+    local_crops: int = 0               # multi-crop: small views after the n_views (DINO: 8-10)
+    local_size: int = 0                # 0 = 96/224 of the view size (96 px beside 224)
+    local_crop_scale: tuple = (0.05, 0.4)
+    local_blur_p: float = -1.0         # -1 = 0.5 where the preset blurs, else 0
 
 
 @dataclass

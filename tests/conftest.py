@@ -39,7 +39,7 @@ def tiny_overrides(**extra) -> list[str]:
             "data.batch_size": 32, "train.precision": "fp32", "train.progress": "false",
             "train.tensorboard": "false", "optim.name": "sgd", "optim.lr": 0.06, "optim.base_batch": 128,
             "optim.weight_decay": 5e-4, "optim.warmup_epochs": 0, "method.temperature": 0.5}
-    if extra.get("method.name") in ("simsiam", "byol"):           # no temperature in these methods
+    if extra.get("method.name") in ("simsiam", "byol", "barlow_twins", "vicreg"):     # no temperature here
         del base["method.temperature"]
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -60,3 +60,31 @@ def small_knn(run, bank_set, test_set, n_test: int = 1000) -> dict:
         feats, y = extract(fn, test, pre, "cpu", 512)
         acc[name] = knn_accuracy(bank, bank_y, feats, y, 20, 0.07)["top1"]
     return acc
+
+
+def _gloo_entry(rank, world, init_file, result_path, fn, args):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = fn(rank, *args)
+        if rank == 0:
+            torch.save(out, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo(fn, tmp_path, *args, world: int = 2):
+    """Run ``fn(rank, *args)`` in ``world`` processes joined on gloo; returns what rank 0 returned
+    (``fn`` must be a module-level function; every rank must make the same collective calls)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_entry, args=(world, str(tmp_path / "gloo-init"), str(tmp_path / "rank0.pt"), fn, args),
+             nprocs=world, join=True)
+    return torch.load(tmp_path / "rank0.pt", weights_only=True)
+
+
+def fmnist_view_pair(fmnist_small, n: int = 16) -> list:
+    """Two float64 views of the first ``n`` real images (fixed seed), for equivalence tests."""
+    from selfsight.augment import BatchedViews, ViewRecipe
+    recipe = ViewRecipe(size=28, crop_scale=(0.3, 1.0), mean=(0.5,), std=(0.5,))
+    return [v.double() for v in BatchedViews(recipe, torch.Generator().manual_seed(1))(fmnist_small.images[:n])]

@@ -118,7 +118,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
 
 
 class BatchedViews:
-    """uint8 batch B×C×H×W (any device) -> list of ``n_views`` normalized float B×C×S×S views."""
+    """uint8 batch B×C×H×W (any device) -> list of normalized float views: ``n_views`` of B×C×S×S,
+    then ``local_crops`` of B×C×s×s (multi-crop)."""
 
     def __init__(self, recipe: ViewRecipe, generator: torch.Generator | None = None):
         self.recipe = recipe
@@ -184,4 +185,4 @@ class BatchedViews:
         return _adjust_hue(x, f)                          # hue: rotate H in HSV
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [self.one_view(images, self.recipe.for_view(i)) for i in range(self.recipe.n_views)]
+        return [self.one_view(images, self.recipe.for_view(i)) for i in range(self.recipe.total_views)]

@@ -30,6 +30,14 @@ PRESETS = {
 }
 
 
+# Named view recipes of the papers, as config trees that methods merge into their defaults.
+# BYOL (Grill et al. 2020, utils/augmentations.py): asymmetric blur and solarize (also MoCo v3,
+# Barlow Twins, VICReg). MoCo v2 "aug+" (Chen et al. 2020c; also SimSiam): blur p 0.5 at 224 px.
+BYOL_VIEWS = {"crop_scale": [0.08, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "jitter_p": 0.8,
+              "view_blur_p": [1.0, 0.1], "view_solarize_p": [0.0, 0.2]}
+MOCO_V2_VIEWS = {"crop_scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_p": 0.8}
+
+
 @dataclass(frozen=True)
 class ViewRecipe:
     """Resolved recipe parameters (no "auto" left); built from config.ViewsConfig."""
@@ -48,6 +56,14 @@ class ViewRecipe:
     jitter_values: tuple = ()          # explicit (brightness, contrast, saturation, hue); () = strength rule
     view_blur_p: tuple = ()            # per-view blur p (view i uses entry i mod len); () = blur_p
     view_solarize_p: tuple = ()        # per-view solarize p; () = solarize_p
+    local_crops: int = 0               # multi-crop (SwAV / DINO): extra small views after the n_views
+    local_size: int = 96
+    local_crop_scale: tuple = (0.05, 0.4)
+    local_blur_p: float = 0.5
+
+    @property
+    def total_views(self) -> int:
+        return self.n_views + self.local_crops
 
     @property
     def jitter(self) -> tuple[float, float, float, float]:
@@ -57,7 +73,12 @@ class ViewRecipe:
         return 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s
 
     def for_view(self, i: int) -> "ViewRecipe":
-        """The recipe of view ``i`` (per-view blur and solarize resolved)."""
+        """The recipe of view ``i`` (per-view blur and solarize resolved; views from ``n_views`` on
+        are the local crops: their own size, crop scale and blur, no solarize, as DINO)."""
+        if i >= self.n_views:
+            return replace(self, size=self.local_size, crop_scale=tuple(self.local_crop_scale),
+                           blur_p=self.local_blur_p, solarize_p=0.0, view_blur_p=(), view_solarize_p=(),
+                           local_crops=0)
         blur = self.view_blur_p[i % len(self.view_blur_p)] if self.view_blur_p else self.blur_p
         sol = self.view_solarize_p[i % len(self.view_solarize_p)] if self.view_solarize_p else self.solarize_p
         return replace(self, blur_p=float(blur), solarize_p=float(sol), view_blur_p=(), view_solarize_p=())
@@ -80,8 +101,13 @@ def resolve_recipe(views_cfg, image_size: int, channels: int) -> ViewRecipe:
     if len(views_cfg.jitter) not in (0, 4):
         raise ValueError(f"views.jitter must be [brightness, contrast, saturation, hue], got {list(views_cfg.jitter)}")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+    size = views_cfg.size or p["size"]
+    local_size = views_cfg.local_size or max(8, round(size * 96 / 224))        # DINO: 96 px beside 224
+    local_blur = (0.5 if blur_p > 0 else 0.0) if views_cfg.local_blur_p < 0 else views_cfg.local_blur_p
     return ViewRecipe(
-        size=views_cfg.size or p["size"], n_views=views_cfg.n_views, crop_scale=tuple(views_cfg.crop_scale),
+        local_crops=views_cfg.local_crops, local_size=local_size, local_crop_scale=tuple(views_cfg.local_crop_scale),
+        local_blur_p=local_blur,
+        size=size, n_views=views_cfg.n_views, crop_scale=tuple(views_cfg.crop_scale),
         flip_p=views_cfg.flip_p, jitter_strength=views_cfg.jitter_strength, jitter_p=views_cfg.jitter_p,
         gray_p=views_cfg.gray_p, blur_p=blur_p, solarize_p=views_cfg.solarize_p, mean=mean, std=std,
         jitter_values=tuple(views_cfg.jitter),
@@ -91,8 +117,9 @@ def resolve_recipe(views_cfg, image_size: int, channels: int) -> ViewRecipe:
 
 
 def build_per_sample_views(recipe: ViewRecipe, channels: int = 3):
-    """A callable: one image (PIL or uint8 C×H×W tensor) -> list of ``n_views`` float C×S×S tensors."""
-    per_view = [_one_view_transform(recipe.for_view(i), channels) for i in range(recipe.n_views)]
+    """A callable: one image (PIL or uint8 C×H×W tensor) -> list of ``total_views`` float tensors
+    (``n_views`` of C×S×S, then the local crops)."""
+    per_view = [_one_view_transform(recipe.for_view(i), channels) for i in range(recipe.total_views)]
 
     def make_views(image):
         return [t(image) for t in per_view]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from selfsight.augment.views import BYOL_VIEWS
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import byol_regression
 from selfsight.methods import register_method
@@ -86,7 +87,6 @@ register_method(
     defaults={"optim": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "base_batch": 256,
                         "weight_decay": 1.5e-6, "warmup_epochs": 10},
               "backbone": {"sync_bn": True},
-              "views": {"crop_scale": [0.08, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "jitter_p": 0.8,
-                        "view_blur_p": [1.0, 0.1], "view_solarize_p": [0.0, 0.2]}},
+              "views": BYOL_VIEWS},
     summary="BYOL: online predictor regresses an EMA target's projection, 2 - 2cos, symmetric",
 )(BYOL)

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from selfsight.augment.views import MOCO_V2_VIEWS
 from selfsight.heads import ProjectionMLP
 from selfsight.losses.info_nce import info_nce_queue, upcast
 from selfsight.methods import register_method
@@ -137,6 +138,6 @@ register_method(
     # v2: + MLP head, T 0.2, aug+ (crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2, blur 0.5), cosine lr.
     defaults={"method": {"temperature": 0.2, "head": "mlp"}, "optim": _SGD,
               "backbone": {"sync_bn": False},
-              "views": {"crop_scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_p": 0.8}},
+              "views": MOCO_V2_VIEWS},
     summary="MoCo v2: MoCo v1 + MLP head, temperature 0.2, blur, cosine schedule",
 )(MoCo)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from selfsight.augment.views import BYOL_VIEWS
 from selfsight.backbones.vit import ViTBackbone
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import moco_v3_loss
@@ -97,7 +98,6 @@ register_method(
     defaults={"optim": {"name": "lars", "lr": 0.6, "lr_scaling": "linear", "base_batch": 256,
                         "weight_decay": 1e-6, "warmup_epochs": 10},
               "backbone": {"sync_bn": True},
-              "views": {"crop_scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "jitter_p": 0.8,
-                        "view_blur_p": [1.0, 0.1], "view_solarize_p": [0.0, 0.2]}},
+              "views": {**BYOL_VIEWS, "crop_scale": [0.2, 1.0]}},
     summary="MoCo v3: in-batch InfoNCE between predictor outputs and momentum keys, symmetric, x2τ",
 )(MoCoV3)

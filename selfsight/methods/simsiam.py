@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from selfsight.augment.views import MOCO_V2_VIEWS
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import negative_cosine
 from selfsight.methods import register_method
@@ -79,6 +80,6 @@ register_method(
     defaults={"optim": {"name": "sgd", "lr": 0.05, "lr_scaling": "linear", "base_batch": 256,
                         "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0},
               "backbone": {"sync_bn": True, "zero_init_residual": True},
-              "views": {"crop_scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_p": 0.8}},
+              "views": MOCO_V2_VIEWS},
     summary="SimSiam: predictor + stop-gradient, negative cosine, no negatives and no momentum encoder",
 )(SimSiam)

@@ -97,7 +97,7 @@ def test_presets_resolve_from_the_data():
 
 
 def test_per_view_blur_and_solarize_and_explicit_jitter_resolve():
-    cfg = ViewsConfig(jitter=(0.4, 0.4, 0.2, 0.1), view_blur_p=(1.0, 0.1), view_solarize_p=(0.0, 0.2))
+    cfg = ViewsConfig(n_views=3, jitter=(0.4, 0.4, 0.2, 0.1), view_blur_p=(1.0, 0.1), view_solarize_p=(0.0, 0.2))
     big = resolve_recipe(cfg, 500, 3)
     assert big.jitter == (0.4, 0.4, 0.2, 0.1)
     assert [(big.for_view(i).blur_p, big.for_view(i).solarize_p) for i in range(3)] == \
@@ -124,3 +124,20 @@ def test_views_differ_as_the_recipe_says(fmnist_small, batched):
     torch.testing.assert_close(v1, x, atol=1e-6, rtol=0)
     sol = torch.where(images >= 128, 255 - images, images).float() / 255
     torch.testing.assert_close(v2, sol, atol=1.5 / 255, rtol=0)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_multi_crop_gives_global_then_local_views(fmnist_small, batched):
+    recipe = resolve_recipe(ViewsConfig(size=28, local_crops=3, local_size=12), 28, 1)
+    assert recipe.total_views == 5 and recipe.for_view(3).crop_scale == (0.05, 0.4)
+    assert recipe.for_view(4).solarize_p == 0.0 and recipe.for_view(0).size == 28
+    images = fmnist_small.images[:6]
+    if batched:
+        views = BatchedViews(recipe, torch.Generator().manual_seed(0))(images)
+    else:
+        make = build_per_sample_views(recipe, channels=1)
+        per_image = [make(img) for img in images]
+        views = [torch.stack([p[i] for p in per_image]) for i in range(5)]
+    assert [tuple(v.shape) for v in views] == [(6, 1, 28, 28)] * 2 + [(6, 1, 12, 12)] * 3
+    big = resolve_recipe(ViewsConfig(local_crops=2), 500, 3)
+    assert big.local_size == 96 and big.for_view(2).blur_p == 0.5 and big.for_view(2).blur_kernel == 11

@@ -7,9 +7,8 @@
 """
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import fmnist_view_pair, run_on_gloo
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.methods.moco import MoCo, MoCoParams
 from selfsight.methods.mocov3 import MoCoV3, MoCoV3Params
@@ -41,34 +40,25 @@ def run(model, views):
     return out["loss"].detach(), grads
 
 
-def _worker(rank, init_file, views, result_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for kind in ("mocov2", "mocov3"):
-            model = make(kind, splits=1)
-            if kind == "mocov3":
-                model = convert_sync_batchnorm(model, "cpu")
-            ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-            b = views[0].shape[0] // WORLD
-            loss, grads = run(ddp, [v[rank * b:(rank + 1) * b] for v in views])
-            results[kind] = {"loss": gather_no_grad(loss.view(1)).mean(),
-                             "grads": {n.removeprefix("module."): g for n, g in grads.items()},
-                             "buffers": dict(model.named_buffers())}
-        if rank == 0:
-            torch.save(results, result_path)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, views):
+    results = {}
+    for kind in ("mocov2", "mocov3"):
+        model = make(kind, splits=1)
+        if kind == "mocov3":
+            model = convert_sync_batchnorm(model, "cpu")
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        b = views[0].shape[0] // WORLD
+        loss, grads = run(ddp, [v[rank * b:(rank + 1) * b] for v in views])
+        results[kind] = {"loss": gather_no_grad(loss.view(1)).mean(),
+                         "grads": {n.removeprefix("module."): g for n, g in grads.items()},
+                         "buffers": dict(model.named_buffers())}
+    return results
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, fmnist_small):
-    from selfsight.augment import BatchedViews, ViewRecipe
-    recipe = ViewRecipe(size=28, crop_scale=(0.3, 1.0), mean=(0.5,), std=(0.5,))
-    views = [v.double() for v in BatchedViews(recipe, torch.Generator().manual_seed(1))(fmnist_small.images[:16])]
-    mp.spawn(_worker, args=(str(tmp_path / "init"), views, str(tmp_path / "ddp.pt")), nprocs=WORLD, join=True)
-    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    views = fmnist_view_pair(fmnist_small)
+    ddp = run_on_gloo(_worker, tmp_path, views, world=WORLD)
 
     for kind, splits in (("mocov2", 2), ("mocov3", 1)):
         model = make(kind, splits)

@@ -1,13 +1,10 @@
 """2 processes on gloo (DDP, global BN, negatives gathered with gradient) == 1 process with
 the global batch: SimCLR's loss, every parameter gradient and BN running statistics
 (float64, so that the 1e-5 tolerance tests the algebra, not float32 rounding)."""
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import fmnist_view_pair, run_on_gloo
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.methods.simclr import SimCLR, SimCLRParams
 from selfsight.nn.distributed import gather_no_grad, gather_with_grad
@@ -28,32 +25,22 @@ def step(model, views):
     return out["loss"].detach()
 
 
-def _worker(rank, init_file, views, result_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        model = convert_sync_batchnorm(make_model(), "cpu")
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        b = views[0].shape[0] // WORLD
-        local = [v[rank * b:(rank + 1) * b] for v in views]
-        loss = ddp({"views": local}, {})["loss"]
-        loss.backward()
-        losses = gather_no_grad(loss.detach().view(1))
-        if rank == 0:
-            torch.save({"loss": losses.mean(), "grads": {n: p.grad for n, p in model.named_parameters()
-                                                         if p.grad is not None},
-                        "buffers": {n: b for n, b in model.named_buffers()}}, result_path)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, views):
+    model = convert_sync_batchnorm(make_model(), "cpu")
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    b = views[0].shape[0] // WORLD
+    local = [v[rank * b:(rank + 1) * b] for v in views]
+    loss = ddp({"views": local}, {})["loss"]
+    loss.backward()
+    losses = gather_no_grad(loss.detach().view(1))
+    return {"loss": losses.mean(), "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+            "buffers": {n: b for n, b in model.named_buffers()}}
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, fmnist_small):
-    from selfsight.augment import BatchedViews, ViewRecipe
-    recipe = ViewRecipe(size=28, crop_scale=(0.3, 1.0), mean=(0.5,), std=(0.5,))
-    views = [v.double() for v in BatchedViews(recipe, torch.Generator().manual_seed(1))(fmnist_small.images[:16])]
-    mp.spawn(_worker, args=(str(tmp_path / "init"), views, str(tmp_path / "ddp.pt")), nprocs=WORLD, join=True)
-    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    views = fmnist_view_pair(fmnist_small)
+    ddp = run_on_gloo(_worker, tmp_path, views, world=WORLD)
 
     model = make_model()
     loss = step(model, views)

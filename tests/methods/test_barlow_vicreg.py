@@ -1,0 +1,43 @@
+"""Barlow Twins and VICReg on real Fashion-MNIST images: heads and learning."""
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import tiny_overrides
+from selfsight.backbones.resnet import ResNetBackbone
+from selfsight.config import load_config
+from selfsight.engine.trainer import pretrain
+from selfsight.methods.barlow_twins import BarlowTwins, BarlowTwinsParams
+from selfsight.methods.vicreg import VICReg, VICRegParams
+
+
+def resnet():
+    torch.manual_seed(0)
+    return ResNetBackbone("resnet10", in_chans=1, small_stem="s2", width=8)
+
+
+def test_heads_follow_the_official_code():
+    bt = BarlowTwins(BarlowTwinsParams(proj_dim=32), resnet())
+    assert [type(x).__name__ for x in bt.projector] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
+    assert all(x.bias is None for x in bt.projector if isinstance(x, nn.Linear)) and not bt.projector[-1].affine
+    vc = VICReg(VICRegParams(proj_dim=32), resnet())
+    assert [type(x).__name__ for x in vc.projector] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
+    assert vc.projector[0].bias is not None and vc.projector[-1].bias is None
+    for m in ("barlow_twins", "vicreg"):
+        cfg = load_config(overrides=[f"method.name={m}"])
+        assert (cfg.optim.name, cfg.optim.lr, cfg.method.proj_dim) == ("lars", 0.2, 8192)
+        assert tuple(cfg.views.view_blur_p) == (1.0, 0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["barlow_twins", "vicreg"])
+def test_learns_features_on_real_images(tmp_path, fmnist_small, fmnist_test, method):
+    from conftest import small_knn
+    """Measured with 300 steps: random init 0.623; Barlow Twins 0.692 (projector 64 wide: at 256 wide
+    with batch 32 it stays at 0.622); VICReg with the same settings."""
+    cfg = load_config(overrides=tiny_overrides(**{"method.name": method, "method.proj_dim": 64, "train.steps": 300,
+                                                  "optim.name": "lars", "optim.lr": 0.3, "optim.base_batch": 256,
+                                                  "optim.weight_decay": 1e-4}))
+    pretrain(cfg, tmp_path / "run", dataset=fmnist_small)
+    acc = small_knn(tmp_path / "run", fmnist_small, fmnist_test)
+    assert acc["trained"] > acc["random"] + 0.025, acc
