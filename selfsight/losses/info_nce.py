@@ -14,12 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfsight.losses.common import upcast
 from selfsight.nn.distributed import gather_no_grad, rank
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 -> fp32; fp32 and fp64 unchanged."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfsight.losses.common import upcast
 from selfsight.nn.distributed import gather_with_grad, rank
 
 LARGE = 1e9
@@ -19,9 +20,8 @@ LARGE = 1e9
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, reduction: str = "sum") -> torch.Tensor:
     """z1, z2: B×D projections of two views (local batch). Returns a scalar."""
-    dtype = torch.promote_types(z1.dtype, torch.float32)                  # bf16/fp16 -> fp32, fp64 stays
-    z1 = F.normalize(z1.to(dtype), dim=1)
-    z2 = F.normalize(z2.to(dtype), dim=1)
+    z1 = F.normalize(upcast(z1), dim=1)                                    # bf16/fp16 -> fp32, fp64 stays
+    z2 = F.normalize(upcast(z2), dim=1)
     z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)            # (world·B)×D
     b = z1.shape[0]
     pos = torch.arange(b, device=z1.device) + rank() * b                  # global index of each anchor

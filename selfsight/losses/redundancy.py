@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfsight.losses.info_nce import upcast
+from selfsight.losses.common import upcast
 from selfsight.nn.distributed import all_reduce_sum_with_grad, gather_with_grad, world_size
 
 

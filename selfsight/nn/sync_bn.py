@@ -55,6 +55,10 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
         return module
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_global_bn(module)
+
+
+def _to_global_bn(module: nn.Module) -> nn.Module:
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         ref = module.weight if module.affine else module.running_mean
@@ -73,5 +77,5 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
             out.num_batches_tracked.copy_(module.num_batches_tracked)
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, device_type))
+        out.add_module(name, _to_global_bn(child))
     return out

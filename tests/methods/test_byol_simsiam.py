@@ -1,6 +1,4 @@
 """BYOL and SimSiam on real Fashion-MNIST images: heads, EMA, fixed predictor lr, learning."""
-import json
-
 import pytest
 import torch
 import torch.nn as nn
