@@ -1,7 +1,10 @@
-"""Training throughput: selfsight vs a plain loop built from lightly's parts (SimCLR, MoCo v2).
+"""Training throughput: selfsight vs a plain loop built from lightly's parts (SimCLR, MoCo v2,
+BYOL, SimSiam, DINO).
 
 Same model (torchvision resnet18, ImageNet stem, 3-channel input), same global batch (256), same
-data (Fashion-MNIST as RGB at 32 px), same optimizer (SGD, momentum 0.9) and precision.
+data (Fashion-MNIST as RGB at 32 px), same optimizer (SGD, momentum 0.9, lr 0.06·B/128, wd 5e-4)
+and precision, same views on both sides (blur off at 32 px on both sides, as selfsight's small
+preset).
 
 * SimCLR: 2-layer BN projector 512-512-128, NT-Xent τ 0.5, SimCLR views (crop 0.08-1, flip,
   jitter 0.8 with p 0.8, grayscale 0.2, no blur); lightly: ``NTXentLoss`` + ``SimCLRTransform``.
@@ -11,13 +14,55 @@ data (Fashion-MNIST as RGB at 32 px), same optimizer (SGD, momentum 0.9) and pre
   ``update_momentum``, ``NTXentLoss(memory_bank_size=(4096, 128))`` and ``MoCoV2Transform``, as
   lightly's MoCo example (no shuffle-BN). selfsight runs twice: as it trains by default
   (shuffle-BN with 8 BN groups) and with shuffle-BN off, the same work as lightly's loop.
+* BYOL: projector and predictor MLPs 512-1024-256 and 256-1024-256 (Linear -> BN -> ReLU ->
+  Linear, no output BN; the paper: 4096 hidden), a target network (backbone + projector) as an
+  EMA of the online one with τ following a cosine from 0.99 to 1 over the run, the symmetric loss,
+  each view in its own pass through online and target. Views: BYOL's asymmetric pair without blur
+  (both views crop 0.08-1, flip, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2; solarize p 0
+  on view 1 and 0.2 on view 2). selfsight: ``method.name=byol method.hidden_dim=1024
+  method.dim=256 method.momentum=0.99 method.momentum_end=1`` with its default views at
+  ``views.blur_p=0``; lightly:
+  ``BYOLProjectionHead(512, 1024, 256)``, ``BYOLPredictionHead(256, 1024, 256)``,
+  ``update_momentum`` with ``cosine_schedule(step, steps, 0.99, 1)``, ``NegativeCosineSimilarity``
+  and ``BYOLTransform(BYOLView1Transform(32, gaussian_blur=0), BYOLView2Transform(32,
+  gaussian_blur=0))`` (its defaults are the same jitter, crop, grayscale and solarize values).
+  Left unmatched, no cost difference: the loss scale (selfsight 2 - 2cos summed over the two
+  directions, lightly -cos averaged), where the EMA sits in the step (selfsight after the
+  optimizer step, lightly's example before the forward) and which Linear of each MLP has the
+  bias (selfsight: the hidden one, as the official code; lightly: the output one).
+* SimSiam: 3-layer projector 512-512-512 (hidden = the backbone width, as the official code;
+  Linear(no bias) -> BN -> ReLU twice, Linear -> affine-free BN; the paper: 2048 out), predictor
+  bottleneck 512-128-512 (the paper's 4:1 ratio, 2048-512-2048), negative cosine with
+  stop-gradient, symmetric, separate passes per view, zero-initialized residual BNs on both sides.
+  Views: MoCo v2's without blur (crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2).
+  selfsight: ``method.name=simsiam method.dim=512 method.proj_hidden_dim=512 method.proj_layers=3
+  method.pred_hidden_dim=128`` (the predictor at a fixed lr, its default: one extra param group,
+  no extra work); lightly:
+  ``SimSiamProjectionHead(512, 512, 512)``, ``SimSiamPredictionHead(512, 128, 512)``,
+  ``NegativeCosineSimilarity`` and ``SimSiamTransform(input_size=32, gaussian_blur=0)``.
+* DINO: multi-crop, 2 global crops at 32 px (0.4-1) and 6 local crops at 16 px (0.05-0.4), the
+  BYOL/DINO jitter, grayscale 0.2, solarize 0.2 on the second global crop, no blur; the head
+  512-512-64 -> L2 norm -> weight-normed 2048 (no BN), teacher by EMA (0.996 -> 1, cosine),
+  centering 0.9, τ_s 0.1, τ_t 0.04, the last layer frozen in the first epoch, no gradient
+  clipping, constant weight decay. selfsight: ``method.name=dino method.hidden_dim=512
+  method.bottleneck_dim=64 method.out_dim=2048 views.local_crops=6 views.local_size=16`` (one
+  backbone forward per resolution); lightly: ``DINOProjectionHead(512, 512, 64, 2048,
+  freeze_last_layer=1)``, ``DINOLoss``, ``update_momentum``, ``cancel_last_layer_gradients`` and
+  ``DINOTransform(32, local_crop_size=16, n_local_views=6, gaussian_blur=(0, 0, 0))`` as lightly's
+  DINO example (one forward per crop).
+
+Adding a method: one ``Bench`` entry in ``BENCHES`` (its selfsight overrides, extra selfsight
+rows, and a builder of the lightly loop returning a ``LightlyLoop``: the per-image transform that
+gives the list of views, the trained parameters, the step ``views, step, steps -> loss`` and an
+optional hook after the backward pass; any number of views, e.g. DINO's multi-crop, go through the
+same loop).
 
 Each configuration runs in its own process (so the peak memory is its own), warms up, then
 times a fixed number of steps. Prints images/s, the share of step time spent waiting for data,
 peak memory, and the ratio to lightly's loop for the same method.
 
     pip install 'selfsight[bench]'     # lightly
-    python benchmarks/throughput_vs_lightly.py --steps 30 [--methods simclr,mocov2]
+    python benchmarks/throughput_vs_lightly.py --steps 30 [--methods simclr,mocov2,byol,simsiam,dino]
 """
 from __future__ import annotations
 
@@ -27,8 +72,11 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 ROW = "ROW "
+LIGHTLY_ROW = "lightly plain loop"
 
 
 def peak_mb(device: str) -> float:
@@ -44,23 +92,199 @@ def rgb_fmnist():
     return ArrayDataset(ds.images.expand(-1, 3, -1, -1).contiguous(), ds.labels, name="fmnist-rgb")
 
 
-METHOD_OVERRIDES = {
-    "simclr": ["method.name=simclr", "method.temperature=0.5", "method.proj_hidden_dim=512"],
-    "mocov2": ["method.name=mocov2", "method.temperature=0.2", "method.queue_size=4096", "method.momentum=0.99",
-               "method.head_hidden_dim=512"],
+# ----------------------------------------------------------------------------------- lightly loops
+
+@dataclass
+class LightlyLoop:
+    """What a method contributes to the plain lightly loop."""
+    transform: Callable                              # PIL image -> list of view tensors
+    params: list                                     # parameters the optimizer trains
+    step: Callable                                   # (views on device, step, total steps) -> loss
+    modules: list = field(default_factory=list)      # moved to the device before training
+    after_backward: Callable | None = None           # (step, total steps), before the optimizer step
+                                                     # (e.g. DINO's cancel_last_layer_gradients)
+
+
+def resnet18_backbone(**kw):
+    import torch
+    import torchvision
+    backbone = torchvision.models.resnet18(**kw)
+    backbone.fc = torch.nn.Identity()
+    return backbone
+
+
+def lightly_simclr(args) -> LightlyLoop:
+    import torch
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+    model = torch.nn.Sequential(resnet18_backbone(), SimCLRProjectionHead(512, 512, 128))
+    crit = NTXentLoss(temperature=0.5)
+
+    def step(views, i, n):
+        x0, x1 = views
+        return crit(model(x0), model(x1))
+    return LightlyLoop(SimCLRTransform(input_size=32, gaussian_blur=0.0, min_scale=0.08),
+                       list(model.parameters()), step, [model])
+
+
+def lightly_mocov2(args) -> LightlyLoop:
+    import copy
+
+    import torch
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import MoCoV2Transform
+    model = torch.nn.Sequential(resnet18_backbone(), MoCoProjectionHead(512, 512, 128))
+    key_model = copy.deepcopy(model)
+    deactivate_requires_grad(key_model)
+    crit = NTXentLoss(temperature=0.2, memory_bank_size=(4096, 128))
+
+    def step(views, i, n):
+        x0, x1 = views
+        update_momentum(model, key_model, m=0.99)
+        with torch.no_grad():
+            key = key_model(x1)
+        return crit(model(x0), key)
+    return LightlyLoop(MoCoV2Transform(input_size=32, gaussian_blur=0.0), list(model.parameters()), step,
+                       [model, key_model, crit])
+
+
+def lightly_byol(args) -> LightlyLoop:
+    import copy
+
+    import torch
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from lightly.utils.scheduler import cosine_schedule
+    online = torch.nn.Sequential(resnet18_backbone(), BYOLProjectionHead(512, BYOL_HIDDEN, BYOL_DIM))
+    predictor = BYOLPredictionHead(BYOL_DIM, BYOL_HIDDEN, BYOL_DIM)
+    target = copy.deepcopy(online)                   # stays in train mode: batch statistics, as BYOL
+    deactivate_requires_grad(target)
+    crit = NegativeCosineSimilarity()
+
+    def step(views, i, n):
+        x0, x1 = views
+        update_momentum(online, target, m=cosine_schedule(i, n, BYOL_MOMENTUM, 1.0))
+        p0, p1 = predictor(online(x0)), predictor(online(x1))
+        with torch.no_grad():
+            t0, t1 = target(x0), target(x1)
+        return 0.5 * (crit(p0, t1) + crit(p1, t0))
+    transform = BYOLTransform(BYOLView1Transform(input_size=32, gaussian_blur=0.0),
+                              BYOLView2Transform(input_size=32, gaussian_blur=0.0))
+    return LightlyLoop(transform, list(online.parameters()) + list(predictor.parameters()), step,
+                       [online, predictor, target])
+
+
+def lightly_simsiam(args) -> LightlyLoop:
+    import torch
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
+    from lightly.transforms import SimSiamTransform
+    model = torch.nn.Sequential(resnet18_backbone(zero_init_residual=True),
+                                SimSiamProjectionHead(512, 512, SIMSIAM_DIM))
+    predictor = SimSiamPredictionHead(SIMSIAM_DIM, SIMSIAM_PRED_HIDDEN, SIMSIAM_DIM)
+    crit = NegativeCosineSimilarity()
+
+    def step(views, i, n):
+        x0, x1 = views
+        z0, z1 = model(x0), model(x1)
+        p0, p1 = predictor(z0), predictor(z1)
+        return 0.5 * (crit(p0, z1.detach()) + crit(p1, z0.detach()))
+    return LightlyLoop(SimSiamTransform(input_size=32, gaussian_blur=0.0),
+                       list(model.parameters()) + list(predictor.parameters()), step, [model, predictor])
+
+
+# ------------------------------------------------------------------------------------- the table
+
+def lightly_dino(args) -> LightlyLoop:
+    import torch
+    from lightly.loss import DINOLoss
+    from lightly.models.modules import DINOProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import DINOTransform
+    from lightly.utils.scheduler import cosine_schedule
+    def network():
+        return torch.nn.Sequential(resnet18_backbone(),
+                                   DINOProjectionHead(512, DINO_HIDDEN, DINO_BOTTLENECK, DINO_K, freeze_last_layer=1))
+    student, teacher = network(), network()     # as lightly's example: its weight-normed head cannot be deep-copied
+    teacher.load_state_dict(student.state_dict())
+    deactivate_requires_grad(teacher)
+    crit = DINOLoss(output_dim=DINO_K, warmup_teacher_temp_epochs=1)
+    transform = DINOTransform(global_crop_size=32, local_crop_size=DINO_LOCAL_SIZE, n_local_views=DINO_LOCAL,
+                              gaussian_blur=(0.0, 0.0, 0.0))
+
+    def step(views, i, n):
+        update_momentum(student, teacher, m=cosine_schedule(i, n, 0.996, 1.0))
+        with torch.no_grad():
+            t_out = [teacher(v) for v in views[:2]]
+        s_out = [student(v) for v in views]
+        return crit(t_out, s_out, epoch=0)
+
+    def after_backward(i, n):
+        student[1].cancel_last_layer_gradients(current_epoch=0)
+    return LightlyLoop(transform, list(student.parameters()), step, [student, teacher, crit], after_backward)
+
+
+BYOL_HIDDEN, BYOL_DIM, BYOL_MOMENTUM = 1024, 256, 0.99
+DINO_HIDDEN, DINO_BOTTLENECK, DINO_K, DINO_LOCAL, DINO_LOCAL_SIZE = 512, 64, 2048, 6, 16
+SIMSIAM_DIM, SIMSIAM_PRED_HIDDEN = 512, 128
+
+
+@dataclass
+class Bench:
+    label: str                                       # row prefix, e.g. "MoCo v2"
+    overrides: list[str]                             # selfsight method settings matching the lightly loop
+    lightly: Callable[[argparse.Namespace], LightlyLoop]
+    # selfsight rows: row-name suffix -> extra overrides ({workers} is filled from --workers)
+    selfsight_rows: dict[str, list[str]] = field(default_factory=lambda: {"": []})
+
+
+BENCHES = {
+    "simclr": Bench("SimCLR", ["method.name=simclr", "method.temperature=0.5", "method.proj_hidden_dim=512"],
+                    lightly_simclr,
+                    {"": [], " (no channels-last, per-sample v2 aug in workers)": [
+                        "backbone.channels_last=false", "data.device_augment=off", "data.workers={workers}"]}),
+    "mocov2": Bench("MoCo v2", ["method.name=mocov2", "method.temperature=0.2", "method.queue_size=4096",
+                                "method.momentum=0.99", "method.head_hidden_dim=512"],
+                    lightly_mocov2,
+                    {" (shuffle-BN, 8 BN groups)": [],
+                     " (no shuffle-BN, as lightly's loop)": ["method.shuffle_bn=false", "method.bn_splits=1"]}),
+    "byol": Bench("BYOL", ["method.name=byol", f"method.hidden_dim={BYOL_HIDDEN}", f"method.dim={BYOL_DIM}",
+                           f"method.momentum={BYOL_MOMENTUM}", "method.momentum_end=1.0"],
+                  lightly_byol),
+    "simsiam": Bench("SimSiam", ["method.name=simsiam", f"method.dim={SIMSIAM_DIM}", "method.proj_hidden_dim=512",
+                                 "method.proj_layers=3", f"method.pred_hidden_dim={SIMSIAM_PRED_HIDDEN}"],
+                     lightly_simsiam),
+    "dino": Bench("DINO", ["method.name=dino", f"method.hidden_dim={DINO_HIDDEN}",
+                           f"method.bottleneck_dim={DINO_BOTTLENECK}", f"method.out_dim={DINO_K}",
+                           "method.momentum=0.996", f"views.local_crops={DINO_LOCAL}",
+                           f"views.local_size={DINO_LOCAL_SIZE}", "optim.clip_grad=0", "optim.weight_decay_end=-1"],
+                  lightly_dino),
 }
 
+CONFIGS = {}    # row name -> (method, "selfsight" | "lightly", extra selfsight overrides)
+for _key, _b in BENCHES.items():
+    for _suffix, _extra in _b.selfsight_rows.items():
+        CONFIGS[f"{_b.label} selfsight{_suffix}"] = (_key, "selfsight", _extra)
+    CONFIGS[f"{_b.label} {LIGHTLY_ROW}"] = (_key, "lightly", [])
+
+
+# ------------------------------------------------------------------------------------ the runners
 
 def run_selfsight(args, method: str, extra: list[str]) -> dict:
     from selfsight.config import load_config
     from selfsight.engine.trainer import Trainer
-    over = METHOD_OVERRIDES[method] + [
+    over = BENCHES[method].overrides + [
             "views.size=32", "views.blur_p=0", "backbone.name=resnet18", "backbone.small_stem=none",
-            "optim.name=sgd", "optim.lr=0.06",
+            "optim.name=sgd", "optim.lr=0.06", "optim.momentum=0.9",
             "optim.base_batch=128", "optim.weight_decay=5e-4", f"data.batch_size={args.batch}",
             f"train.steps={args.warmup + args.steps}", "train.progress=false", "train.tensorboard=false",
             "train.checkpoint_every=0", f"train.log_every={args.warmup + args.steps}", f"train.precision={args.precision}"]
-    cfg = load_config(overrides=over + extra)
+    cfg = load_config(overrides=over + [e.format(workers=args.workers) for e in extra])
     import tempfile
     tr = Trainer(cfg, tempfile.mkdtemp(prefix="bench_"), dataset=rgb_fmnist())
     state = {}
@@ -79,21 +303,11 @@ def run_selfsight(args, method: str, extra: list[str]) -> dict:
 
 
 def run_lightly(args, method: str) -> dict:
-    import copy
-
     import torch
-    import torchvision
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import MoCoProjectionHead, SimCLRProjectionHead
-    from lightly.models.utils import deactivate_requires_grad, update_momentum
-    from lightly.transforms import MoCoV2Transform, SimCLRTransform
     from PIL import Image
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = rgb_fmnist()
-    if method == "simclr":
-        transform = SimCLRTransform(input_size=32, gaussian_blur=0.0, min_scale=0.08)
-    else:
-        transform = MoCoV2Transform(input_size=32, gaussian_blur=0.0)
+    loop = BENCHES[method].lightly(args)
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
@@ -101,56 +315,38 @@ def run_lightly(args, method: str) -> dict:
 
         def __getitem__(self, i):
             img = Image.fromarray(data.images[i].permute(1, 2, 0).numpy())
-            return transform(img), int(data.labels[i])
+            return loop.transform(img), int(data.labels[i])
     loader = torch.utils.data.DataLoader(DS(), batch_size=args.batch, shuffle=True, drop_last=True,
                                          num_workers=args.workers, persistent_workers=args.workers > 0)
-    backbone = torchvision.models.resnet18()
-    backbone.fc = torch.nn.Identity()
-    if method == "simclr":
-        model = torch.nn.Sequential(backbone, SimCLRProjectionHead(512, 512, 128)).to(device)
-        crit = NTXentLoss(temperature=0.5)
-    else:
-        model = torch.nn.Sequential(backbone, MoCoProjectionHead(512, 512, 128)).to(device)
-        key_model = copy.deepcopy(model)
-        deactivate_requires_grad(key_model)
-        crit = NTXentLoss(temperature=0.2, memory_bank_size=(4096, 128))
-    opt = torch.optim.SGD(model.parameters(), lr=0.06 * args.batch / 128, momentum=0.9, weight_decay=5e-4)
+    for m in loop.modules:
+        m.to(device)
+    opt = torch.optim.SGD(loop.params, lr=0.06 * args.batch / 128, momentum=0.9, weight_decay=5e-4)
     amp = args.precision != "fp32"
+    total = args.warmup + args.steps
     it = iter(loader)
     wait = 0.0
     t0 = None
-    for step in range(args.warmup + args.steps):
+    for step in range(total):
         if step == args.warmup:
             t0, wait = time.perf_counter(), 0.0
         tw = time.perf_counter()
-        (x0, x1), _ = next(it)
+        views, _ = next(it)
         wait += time.perf_counter() - tw
-        x0, x1 = x0.to(device), x1.to(device)
+        views = [v.to(device) for v in views]
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-            if method == "simclr":
-                loss = crit(model(x0), model(x1))
-            else:
-                update_momentum(model, key_model, m=0.99)
-                with torch.no_grad():
-                    key = key_model(x1)
-                loss = crit(model(x0), key)
+            loss = loop.step(views, step, total)
         opt.zero_grad()
         loss.backward()
+        if loop.after_backward is not None:
+            loop.after_backward(step, total)
         opt.step()
     dt = time.perf_counter() - t0
     return {"images_per_s": args.steps * args.batch / dt, "data_wait": wait / dt, "peak_mb": peak_mb(device)}
 
 
-CONFIGS = {     # name -> (method, runner)
-    "SimCLR selfsight": ("simclr", lambda a: run_selfsight(a, "simclr", [])),
-    "SimCLR selfsight (no channels-last, per-sample v2 aug in workers)": ("simclr", lambda a: run_selfsight(
-        a, "simclr", ["backbone.channels_last=false", "data.device_augment=off", f"data.workers={a.workers}"])),
-    "SimCLR lightly plain loop": ("simclr", lambda a: run_lightly(a, "simclr")),
-    "MoCo v2 selfsight (shuffle-BN, 8 BN groups)": ("mocov2", lambda a: run_selfsight(a, "mocov2", [])),
-    "MoCo v2 selfsight (no shuffle-BN, as lightly's loop)": ("mocov2", lambda a: run_selfsight(
-        a, "mocov2", ["method.shuffle_bn=false", "method.bn_splits=1"])),
-    "MoCo v2 lightly plain loop": ("mocov2", lambda a: run_lightly(a, "mocov2")),
-}
+def run_row(args, name: str) -> dict:
+    method, side, extra = CONFIGS[name]
+    return run_selfsight(args, method, extra) if side == "selfsight" else run_lightly(args, method)
 
 
 def main() -> None:
@@ -160,15 +356,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for per-sample augmentation")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    ap.add_argument("--methods", default="simclr,mocov2", help="comma-separated: simclr, mocov2")
+    ap.add_argument("--methods", default=",".join(BENCHES), help=f"comma-separated: {', '.join(BENCHES)}")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
-        print(ROW + json.dumps(CONFIGS[args.only][1](args)), flush=True)
+        print(ROW + json.dumps(run_row(args, args.only)), flush=True)
         return
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in BENCHES]
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     rows = {}
-    for name, (method, _) in CONFIGS.items():
-        if method not in args.methods.split(","):
+    for name, (method, _, _) in CONFIGS.items():
+        if method not in methods:
             continue
         cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--batch", str(args.batch), "--workers", str(args.workers), "--precision", args.precision]
@@ -184,7 +384,8 @@ def main() -> None:
     print("| run | images/s | data wait | peak memory (MB) | vs lightly |\n|---|---|---|---|---|")
     for name, r in rows.items():
         method = CONFIGS[name][0]
-        ref = next((v["images_per_s"] for n, v in rows.items() if CONFIGS[n][0] == method and n.endswith("lightly plain loop")), None)
+        ref = next((v["images_per_s"] for n, v in rows.items()
+                    if CONFIGS[n][0] == method and CONFIGS[n][1] == "lightly"), None)
         ratio = f"{r['images_per_s'] / ref:.2f}x" if ref else "n/a"
         print(f"| {name} | {r['images_per_s']:.0f} | {100 * r['data_wait']:.1f} % | {r['peak_mb']:.0f} | {ratio} |")
 

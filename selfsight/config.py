@@ -81,7 +81,8 @@ class OptimConfig:
     momentum: float = 0.9
     betas: tuple = (0.9, 0.999)
     decay_all: bool = False            # weight decay on biases and norm parameters too (MoCo v3's AdamW)
-    clip_grad: float = 0.0             # max global grad norm; 0 = off
+    clip_grad: float = 0.0             # max grad norm; 0 = off
+    clip_mode: str = "global"          # global (one norm over all parameters) | per_param (DINO: each tensor)
     trust_coefficient: float = 1e-3    # LARS eta
 
 

@@ -39,7 +39,7 @@ def tiny_overrides(**extra) -> list[str]:
             "data.batch_size": 32, "train.precision": "fp32", "train.progress": "false",
             "train.tensorboard": "false", "optim.name": "sgd", "optim.lr": 0.06, "optim.base_batch": 128,
             "optim.weight_decay": 5e-4, "optim.warmup_epochs": 0, "method.temperature": 0.5}
-    if extra.get("method.name") in ("simsiam", "byol", "barlow_twins", "vicreg"):     # no temperature here
+    if extra.get("method.name") in ("simsiam", "byol", "barlow_twins", "vicreg", "dino"):   # no temperature here
         del base["method.temperature"]
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -35,6 +35,10 @@ PRESETS = {
 # Barlow Twins, VICReg). MoCo v2 "aug+" (Chen et al. 2020c; also SimSiam): blur p 0.5 at 224 px.
 BYOL_VIEWS = {"crop_scale": [0.08, 1.0], "jitter": [0.4, 0.4, 0.2, 0.1], "jitter_p": 0.8,
               "view_blur_p": [1.0, 0.1], "view_solarize_p": [0.0, 0.2]}
+# DINO (Caron et al. 2021, main_dino.py:DataAugmentationDINO): BYOL's two global crops at scale
+# 0.4-1 plus 8 local crops (0.05-0.4, blur p 0.5).
+DINO_VIEWS = {**BYOL_VIEWS, "crop_scale": [0.4, 1.0], "local_crops": 8, "local_crop_scale": [0.05, 0.4],
+              "local_blur_p": 0.5}
 MOCO_V2_VIEWS = {"crop_scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_p": 0.8}
 
 

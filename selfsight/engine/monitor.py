@@ -7,6 +7,13 @@
 * ``rankme``: the effective rank of the embedding batch (Garrido et al. 2023, RankMe):
   exp(entropy of the normalized singular values); 1 for a batch collapsed to one direction.
 
+DINO adds (from the method's own outputs): ``dino_entropy_ratio``, the teacher's mean per-sample
+entropy over ln K (uniform collapse: 1), ``dino_batch_entropy_ratio``, the entropy of the
+batch-mean teacher distribution over ln min(K, B) (one-hot collapse, every image on the same
+prototype: 0), and ``dino_kl``, KL(teacher || student). A collapse needs the student to agree
+(KL below 0.01 nats): early in a healthy run the teacher is near uniform too (the loss starts
+near ln K) while the student still differs from it.
+
 ``collapse_warning`` turns a row of these into a one-line warning, or None when healthy.
 """
 from __future__ import annotations
@@ -17,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 STD_RATIO_MIN = 0.1           # below 10 % of the healthy spread: collapsed to (almost) a constant
+DINO_UNIFORM = 0.97           # teacher entropy above 97 % of ln K: (almost) uniform
+DINO_KL_MAX = 0.01            # student = teacher: nothing left to learn
+DINO_ONE_HOT = 0.1            # batch-mean entropy below 10 % of its maximum: one prototype for all
 RANK_MIN = 2.0                # effective rank of a batch that carries one or two directions
 
 
@@ -36,6 +46,14 @@ def embedding_stats(z: torch.Tensor) -> dict:
 
 
 def collapse_warning(row: dict) -> str | None:
+    uniform, one_hot = row.get("dino_entropy_ratio"), row.get("dino_batch_entropy_ratio")
+    agree = row.get("dino_kl", math.inf) < DINO_KL_MAX
+    if agree and uniform is not None and uniform > DINO_UNIFORM:
+        return (f"the DINO output has collapsed to uniform: teacher entropy {uniform:.3f} of ln K "
+                f"(KL teacher||student {row.get('dino_kl', float('nan')):.2e}); lower the teacher temperature")
+    if agree and one_hot is not None and one_hot < DINO_ONE_HOT:
+        return (f"the DINO output has collapsed to one prototype: batch entropy {one_hot:.3f} of its maximum "
+                f"(KL teacher||student {row.get('dino_kl', float('nan')):.2e}); check the centering")
     ratio, rank = row.get("embedding_std_ratio"), row.get("rankme")
     if ratio is not None and ratio < STD_RATIO_MIN:
         return (f"the embedding has collapsed: per-dimension std {row['embedding_std']:.2e} "

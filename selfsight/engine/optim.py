@@ -65,7 +65,29 @@ def param_groups(model: nn.Module, decay_all: bool = False) -> list[dict]:
     return out
 
 
+CLIP_MODES = ("global", "per_param")
+
+
+@torch.no_grad()
+def clip_gradients(parameters, max_norm: float, mode: str = "global") -> None:
+    """``global``: one norm over all gradients (``clip_grad_norm_``). ``per_param``: each tensor's
+    gradient scaled to norm <= max_norm on its own (DINO's ``utils.clip_gradients``:
+    g *= min(1, max_norm / (||g|| + 1e-6))), fused over tensors and without a host sync."""
+    params = [p for p in parameters if p.grad is not None]
+    if mode == "global":
+        nn.utils.clip_grad_norm_(params, max_norm)
+    elif mode == "per_param":
+        grads = [p.grad for p in params]
+        if grads:
+            coefs = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in torch._foreach_norm(grads)]
+            torch._foreach_mul_(grads, coefs)
+    else:
+        raise ValueError(f"optim.clip_mode must be one of {CLIP_MODES}, got {mode!r}")
+
+
 def build_optimizer(model: nn.Module, cfg, device_type: str = "cpu") -> torch.optim.Optimizer:
+    if cfg.clip_mode not in CLIP_MODES:
+        raise ValueError(f"optim.clip_mode must be one of {CLIP_MODES}, got {cfg.clip_mode!r}")
     groups = param_groups(model, cfg.decay_all)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

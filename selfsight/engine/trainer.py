@@ -22,7 +22,7 @@ from selfsight.data import build_dataset
 from selfsight.data.loader import ViewLoader
 from selfsight.engine.monitor import collapse_warning, embedding_stats
 from selfsight.engine.checkpoint import FORMAT_VERSION, atomic_save, rng_state, safe_load, set_rng_state
-from selfsight.engine.optim import build_optimizer
+from selfsight.engine.optim import build_optimizer, clip_gradients
 from selfsight.engine.schedules import cosine, scaled_lr
 from selfsight.methods import METHODS
 from selfsight.nn.distributed import all_ranks_true, any_rank_true, is_main, rank, world_size
@@ -274,8 +274,9 @@ class Trainer:
                                     enabled=self.amp_dtype is not None):
                     out = self.ddp(batch, sched)
                 loss = out["loss"]
-                if "embedding" in out and (self.step + 1) % t.log_every == 0 and is_main():
-                    window["monitor"] = embedding_stats(out["embedding"])
+                if (self.step + 1) % t.log_every == 0 and is_main():
+                    window["monitor"] = embedding_stats(out["embedding"]) if "embedding" in out else {}
+                    window["monitor"].update({k: float(v) for k, v in out.get("monitor", {}).items()})
                 if not all_ranks_true(torch.isfinite(loss.detach())):
                     self.nonfinite_in_row += 1
                     window["nonfinite"] += 1
@@ -288,7 +289,9 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.optim.clip_grad > 0:
-                        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                        clip_gradients(self.model.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
+                    if hasattr(self.model, "before_optimizer_step"):      # e.g. DINO's frozen last layer
+                        self.model.before_optimizer_step(sched)
                     self.optimizer.step()
                     if hasattr(self.model, "after_step"):
                         self.model.after_step(sched)

@@ -1,3 +1,4 @@
+from selfsight.heads.dino import DINOHead
 from selfsight.heads.mlp import ProjectionMLP
 
-__all__ = ["ProjectionMLP"]
+__all__ = ["DINOHead", "ProjectionMLP"]

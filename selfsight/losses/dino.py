@@ -1,0 +1,53 @@
+"""DINO self-distillation loss and centering (Caron et al. 2021, Eq. 1-4 and Alg. 1;
+``dino:main_dino.py:DINOLoss``; methods.md §8, pitfalls 10-13).
+
+    P_t(i) = softmax((g_t(x_i) - c) / τ_t),  i ∈ the global crops (teacher, no gradient)
+    L = 1/n Σ_{i ∈ global} Σ_{v ≠ i} mean_batch[ -Σ_k P_t(i)[k] · log softmax(g_s(x_v) / τ_s)[k] ]
+    c ← m·c + (1 - m)·mean over the global batch and both global crops of g_t(x)   (after the loss)
+
+The same-view pair (v = i) is skipped; n = number of remaining pairs. The center's mean is
+all-reduced across processes, so it equals one process with the global batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from selfsight.losses.common import upcast
+from selfsight.nn.distributed import world_size
+
+
+def teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(n·B)×K raw teacher outputs -> centred, sharpened probabilities, detached."""
+    return F.softmax((upcast(teacher_logits.detach()) - center) / temperature, dim=-1)
+
+
+def dino_loss(student_logits: list[torch.Tensor], teacher_p: list[torch.Tensor],
+              student_temp: float) -> torch.Tensor:
+    """student_logits: V tensors B×K (global crops first, in the teacher's order); teacher_p:
+    n_global tensors B×K of probabilities. Cross-entropy averaged over the (i, v ≠ i) pairs."""
+    log_p = [F.log_softmax(upcast(s) / student_temp, dim=-1) for s in student_logits]
+    total, pairs = 0.0, 0
+    for i, t in enumerate(teacher_p):
+        for v, lp in enumerate(log_p):
+            if v == i:                                  # same view: skipped
+                continue
+            total = total + (-(t * lp).sum(-1)).mean()
+            pairs += 1
+    if pairs == 0:
+        raise ValueError("the DINO loss needs at least two views")
+    return total / pairs
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
+    """In place: c ← m·c + (1 - m)·mean of the raw teacher outputs ((n·B)×K) over all processes.
+    A non-finite batch (a step the engine will skip) leaves the center as it was, without a host
+    sync: one bad step must not poison every later one."""
+    batch_sum = upcast(teacher_logits.detach()).sum(0, keepdim=True)           # 1×K
+    count = teacher_logits.shape[0] * world_size()
+    if world_size() > 1:
+        dist.all_reduce(batch_sum)
+    new = center * momentum + batch_sum / count * (1.0 - momentum)
+    center.copy_(torch.where(torch.isfinite(batch_sum).all(), new, center))

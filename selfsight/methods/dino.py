@@ -1,0 +1,162 @@
+"""DINO (Caron et al. 2021, Alg. 1; ``dino:main_dino.py``, ``utils.MultiCropWrapper``; methods.md §8,
+pitfalls 10-15, 24-25).
+
+student = backbone (drop-path as configured) -> DINOHead, sees every crop; teacher = an EMA copy of
+both (parameters only, cosine 0.996 -> 1 per step, updated after the optimizer step) without
+drop-path, sees only the global crops. Crops of equal resolution go through the backbone in one
+forward (the two global crops together, then the local crops), the head runs once on all of them
+(MultiCropWrapper); ViTs interpolate their position embeddings for the local crops' size.
+
+Loss (``losses.dino``): teacher softmax at τ_t of the centred outputs, student log-softmax at
+τ_s = 0.1, cross-entropy over the (global crop, other crop) pairs with the same view skipped.
+The center (a buffer, so checkpointed) is updated after the loss, from the teacher's global-crop
+outputs all-reduced over processes. τ_t warms up linearly from 0.04 to 0.07 over
+``teacher_temp_warmup_epochs`` (the official code indexes a per-epoch table; here the warm-up is
+linear per step, the same line sampled more finely). The last layer gets no update while
+``epoch < freeze_last_layer`` (its gradients are dropped between backward and the optimizer step).
+Weight decay 0.04 -> 0.4 (cosine), per-parameter gradient clipping at 3 and AdamW 5e-4·B/256 are
+the method's recipe defaults. Evaluation and export use the TEACHER backbone.
+
+Logged for the collapse monitor: the teacher's mean entropy (uniform collapse: ln K), the entropy
+of its batch-mean distribution (one-hot collapse: 0) and the KL divergence teacher || student.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from selfsight.augment.views import DINO_VIEWS
+from selfsight.heads.dino import DINOHead
+from selfsight.losses.dino import dino_loss, teacher_probs, update_center
+from selfsight.methods import register_method
+from selfsight.nn.momentum import momentum_copy, momentum_update
+
+
+@dataclass
+class DINOParams:
+    name: str = "dino"
+    out_dim: int = 65536              # K prototypes
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True      # freeze the weight norm of the last layer at 1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07        # after the warm-up; keep <= 0.07 (pitfall 10)
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup_epochs: float = 30.0
+    center_momentum: float = 0.9
+    momentum: float = 0.996           # teacher EMA, cosine to momentum_end; 0.9995 at small batch (B 256)
+    momentum_end: float = 1.0
+    freeze_last_layer: float = 1.0    # epochs without updates of the last layer
+
+
+def _group_by_resolution(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of equal shape concatenated: one backbone forward per resolution."""
+    groups: list[list[torch.Tensor]] = []
+    for v in views:
+        if groups and groups[-1][0].shape == v.shape:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return [torch.cat(g) for g in groups]
+
+
+def _no_drop_path(module: nn.Module) -> nn.Module:
+    for m in module.modules():                 # timm DropPath (and stochastic-depth layers like it)
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    return module
+
+
+class DINO(nn.Module):
+    def __init__(self, params: DINOParams, backbone: nn.Module):
+        super().__init__()
+        self.params = params
+        self.student = backbone
+        self.head = DINOHead(backbone.embed_dim, params.out_dim, params.hidden_dim, params.bottleneck_dim,
+                             params.head_layers, params.use_bn_in_head, params.norm_last_layer)
+        self.teacher = _no_drop_path(momentum_copy(self.student))
+        self.teacher_head = momentum_copy(self.head)
+        self.register_buffer("center", torch.zeros(1, params.out_dim))          # 1×K, checkpointed
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The network evaluation and export use: the teacher's backbone (methods.md pitfall 25)."""
+        return self.teacher
+
+    def finetune_network(self) -> nn.Module:
+        return self.teacher
+
+    def schedules(self) -> dict:
+        return {"momentum": (self.params.momentum, self.params.momentum_end)}
+
+    def teacher_temperature(self, epoch: float) -> float:
+        p = self.params
+        if epoch >= p.teacher_temp_warmup_epochs:
+            return p.teacher_temp
+        return p.warmup_teacher_temp + (p.teacher_temp - p.warmup_teacher_temp) * epoch / p.teacher_temp_warmup_epochs
+
+    def before_optimizer_step(self, sched: dict) -> None:
+        """Between backward and the optimizer step: the last layer stays as initialised while
+        ``epoch < freeze_last_layer`` (official ``cancel_gradients_last_layer``)."""
+        if sched.get("epoch", math.inf) < self.params.freeze_last_layer:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
+
+    def after_step(self, sched: dict) -> None:
+        momentum_update([self.teacher, self.teacher_head], [self.student, self.head],
+                        sched.get("momentum", self.params.momentum))
+
+    def training_step(self, batch: dict, sched: dict) -> dict:
+        views = batch["views"]                                                  # 2 global + n local
+        n_global = 2
+        if len(views) < 2:
+            raise ValueError("DINO needs at least two views (views.n_views: 2)")
+        feats = [self.student(x) for x in _group_by_resolution(views)]          # per resolution: (n·B)×D
+        student_logits = self.head(torch.cat(feats)).chunk(len(views))          # V × (B×K)
+        tau_t = self.teacher_temperature(sched.get("epoch", 0.0))
+        with torch.no_grad():
+            t_logits = self.teacher_head(self.teacher(torch.cat(views[:n_global])))   # (2B)×K
+            t_p = teacher_probs(t_logits, self.center, tau_t)
+            t_chunks = t_p.chunk(n_global)
+        loss = dino_loss(list(student_logits), list(t_chunks), self.params.student_temp)
+        monitor = {**self._monitor(t_p, student_logits[:n_global]), "dino_teacher_temp": tau_t}
+        update_center(self.center, t_logits, self.params.center_momentum)      # after the loss
+        b = views[0].shape[0]
+        return {"loss": loss, "embedding": feats[0][:b].detach(), "monitor": monitor}
+
+    @torch.no_grad()
+    def _monitor(self, t_p: torch.Tensor, student_global: tuple) -> dict:
+        """Tensors (no host sync); the engine reads them at log steps only."""
+        log_t = t_p.clamp_min(1e-12).log()
+        entropy = -(t_p * log_t).sum(-1).mean()
+        mean_p = t_p.mean(0)
+        batch_entropy = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+        log_s = torch.log_softmax(torch.cat(student_global).float() / self.params.student_temp, -1)
+        kl = (t_p * (log_t - log_s)).sum(-1).mean()                             # same view: KL(P_t || P_s)
+        k = t_p.shape[1]
+        return {"dino_teacher_entropy": entropy, "dino_entropy_ratio": entropy / math.log(k),
+                "dino_batch_entropy_ratio": batch_entropy / math.log(min(k, t_p.shape[0])),
+                "dino_kl": kl}
+
+    def forward(self, batch: dict, sched: dict) -> dict:
+        return self.training_step(batch, sched)
+
+
+register_method(
+    "dino", DINOParams,
+    # ViT recipe (main_dino.py): AdamW lr 5e-4·B/256, 10 warm-up epochs, cosine to 1e-6, wd cosine
+    # 0.04 -> 0.4 (weights only), per-parameter clipping at 3.0, drop-path 0.1 in the student;
+    # views: 2 global crops (0.4-1) with BYOL's asymmetric blur/solarize and 8 local crops (0.05-0.4,
+    # 96/224 of the size, blur 0.5). ConvNets (README): configs/dino_*.yaml use SGD 0.03, wd 1e-4.
+    defaults={"optim": {"name": "adamw", "lr": 5e-4, "lr_scaling": "linear", "base_batch": 256,
+                        "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_epochs": 10, "min_lr": 1e-6,
+                        "clip_grad": 3.0, "clip_mode": "per_param"},
+              "backbone": {"drop_path": 0.1, "sync_bn": True},
+              "views": DINO_VIEWS},
+    summary="DINO: self-distillation to an EMA teacher with centering, sharpening and multi-crop",
+)(DINO)
