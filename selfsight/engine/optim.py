@@ -69,6 +69,15 @@ CLIP_MODES = ("global", "per_param")
 
 
 @torch.no_grad()
+def gradients_finite(parameters) -> torch.Tensor:
+    """A 0-d bool tensor: every gradient is finite (one fused norm over all of them, no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+
+
+@torch.no_grad()
 def clip_gradients(parameters, max_norm: float, mode: str = "global") -> None:
     """``global``: one norm over all gradients (``clip_grad_norm_``). ``per_param``: each tensor's
     gradient scaled to norm <= max_norm on its own (DINO's ``utils.clip_gradients``:

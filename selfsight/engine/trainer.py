@@ -22,7 +22,7 @@ from selfsight.data import build_dataset
 from selfsight.data.loader import ViewLoader
 from selfsight.engine.monitor import collapse_warning, embedding_stats
 from selfsight.engine.checkpoint import FORMAT_VERSION, atomic_save, rng_state, safe_load, set_rng_state
-from selfsight.engine.optim import build_optimizer, clip_gradients
+from selfsight.engine.optim import build_optimizer, clip_gradients, gradients_finite
 from selfsight.engine.schedules import cosine, scaled_lr
 from selfsight.methods import METHODS
 from selfsight.nn.distributed import all_ranks_true, any_rank_true, is_main, rank, world_size
@@ -277,17 +277,22 @@ class Trainer:
                 if (self.step + 1) % t.log_every == 0 and is_main():
                     window["monitor"] = embedding_stats(out["embedding"]) if "embedding" in out else {}
                     window["monitor"].update({k: float(v) for k, v in out.get("monitor", {}).items()})
-                if not all_ranks_true(torch.isfinite(loss.detach())):
+                finite = all_ranks_true(torch.isfinite(loss.detach()))
+                self.optimizer.zero_grad(set_to_none=True)
+                if finite:
+                    loss.backward()
+                    # a finite loss can still give non-finite gradients (seen with CPU bf16 convolutions
+                    # on 1x1 maps): such a step would write NaN into the weights, so it is skipped too
+                    finite = all_ranks_true(gradients_finite(self.model.parameters()))
+                if not finite:
                     self.nonfinite_in_row += 1
                     window["nonfinite"] += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.nonfinite_in_row >= 10:
-                        raise TrainingError(f"loss was not finite for {self.nonfinite_in_row} steps in a row "
-                                            f"(step {self.step}); last good checkpoint kept in {ck_path}")
+                        raise TrainingError(f"loss or gradients were not finite for {self.nonfinite_in_row} steps "
+                                            f"in a row (step {self.step}); last good checkpoint kept in {ck_path}")
                 else:
                     self.nonfinite_in_row = 0
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
                     if cfg.optim.clip_grad > 0:
                         clip_gradients(self.model.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
                     if hasattr(self.model, "before_optimizer_step"):      # e.g. DINO's frozen last layer

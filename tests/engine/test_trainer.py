@@ -118,3 +118,22 @@ def test_simclr_trains_a_vit(tmp_path, fmnist_small):
     res = pretrain(cfg, tmp_path / "vit", dataset=fmnist_small)
     ck = torch.load(tmp_path / "vit" / "checkpoint.pt", weights_only=True)
     assert res["steps"] == 3 and any(k.startswith("student.net.blocks.") for k in ck["model"])
+
+
+def test_finite_loss_with_nonfinite_gradients_is_skipped(tmp_path, fmnist_small):
+    """A finite loss whose backward gives NaN (as CPU bf16 convolutions on 1x1 maps once did) must
+    not reach the optimizer: the step is skipped and counted, the weights stay finite."""
+    cfg = load_config(overrides=tiny_overrides(**{"train.steps": 6, "train.log_every": 1,
+                                                  "train.checkpoint_every": 0}))
+    tr = Trainer(cfg, tmp_path / "run", dataset=fmnist_small)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] in (2, 3) else grad
+    weight = next(p for n, p in tr.model.named_parameters() if p.ndim == 4)
+    weight.register_hook(poison)
+    tr.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["nonfinite_steps"] for r in rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
