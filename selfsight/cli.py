@@ -67,7 +67,7 @@ def cmd_pretrain(args) -> int:
 def cmd_eval_knn(args) -> int:
     from selfsight.eval.run_knn import evaluate_knn
     res = evaluate_knn(args.run, args.train, args.test, args.k, args.temperature, args.baseline,
-                       device=args.device, data_root=args.data_root)
+                       device=args.device, data_root=args.data_root, features=args.features)
     if args.json:
         print(json.dumps(res))
     else:
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--test", required=True, help="labeled data to classify")
     k.add_argument("--k", type=int, default=20)
     k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--features", default="cls", choices=["cls", "mean", "cls+mean"],
+                   help="ViTs: class token, mean of the patch tokens, or both concatenated (default cls)")
     k.add_argument("--baseline", choices=["pixels", "random"], help="evaluate a baseline instead of the trained backbone")
     k.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     k.add_argument("--data-root", default="", help="where built-in sets live ($SELFSIGHT_DATA)")

@@ -93,6 +93,11 @@ class ViewRecipe:
         return k + 1 - k % 2          # odd
 
 
+def default_normalization(channels: int) -> tuple[tuple, tuple]:
+    """(mean, std) of the views: ImageNet statistics for RGB, 0.5/0.5 for other channel counts."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+
+
 def resolve_recipe(views_cfg, image_size: int, channels: int) -> ViewRecipe:
     """Fill "auto" fields from the data: small images -> ``small`` preset, else ``imagenet``."""
     preset = views_cfg.preset
@@ -104,7 +109,7 @@ def resolve_recipe(views_cfg, image_size: int, channels: int) -> ViewRecipe:
     blur_p = p["blur_p"] if views_cfg.blur_p < 0 else views_cfg.blur_p
     if len(views_cfg.jitter) not in (0, 4):
         raise ValueError(f"views.jitter must be [brightness, contrast, saturation, hue], got {list(views_cfg.jitter)}")
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+    mean, std = default_normalization(channels)
     size = views_cfg.size or p["size"]
     local_size = views_cfg.local_size or max(8, round(size * 96 / 224))        # DINO: 96 px beside 224
     local_blur = (0.5 if blur_p > 0 else 0.0) if views_cfg.local_blur_p < 0 else views_cfg.local_blur_p

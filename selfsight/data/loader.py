@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from selfsight.augment import BatchedViews, ViewRecipe, build_per_sample_views
 from selfsight.data.arrays import ArrayDataset
+from selfsight.masking.views import batch_seed
 
 
 def epoch_indices(n: int, epoch: int, seed: int) -> torch.Tensor:
@@ -62,7 +63,8 @@ def _stack_views(items: list[dict]) -> dict:
 
 
 class ViewLoader:
-    """Iterates batches ``{"views": [V × B×C×S×S], "label": B, "skipped": int}`` on ``device``.
+    """Iterates batches ``{"views": [V × B×C×S×S], "label": B, "skipped": int}`` on ``device``
+    (plus ``"masks": [V × (B×N bool | None)]`` when a ``masker`` is set).
 
     ``wait`` accumulates seconds spent fetching raw batches (the data wait), ``augment_time``
     seconds spent in batched augmentation on the device.
@@ -93,6 +95,7 @@ class ViewLoader:
         self.workers = (0 if self.batched else 2) if workers < 0 else workers
         self.wait = 0.0
         self.augment_time = 0.0
+        self.masker = None            # MIM: callable (views, seed) -> per-view masks, set by the trainer
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
         sampler = _BatchSampler(len(self.dataset), self.global_batch, self.rank, self.world, epoch, self.seed, start)
@@ -102,6 +105,7 @@ class ViewLoader:
             source = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
                                      collate_fn=_stack_views, pin_memory=self.device.type == "cuda",
                                      persistent_workers=False))
+        step = start
         while True:
             t0 = time.perf_counter()
             try:
@@ -118,6 +122,11 @@ class ViewLoader:
             else:
                 batch = {"views": [v.to(self.device, non_blocking=True) for v in raw["views"]],
                          "label": raw["label"].to(self.device), "skipped": raw["skipped"]}
+            if self.masker is not None:           # collate-time masks, reproducible from (seed, epoch, step, rank)
+                t2 = time.perf_counter()
+                batch["masks"] = self.masker(batch["views"], batch_seed(self.seed, epoch, step, self.rank))
+                self.augment_time += time.perf_counter() - t2
+            step += 1
             yield batch
 
     def state_dict(self) -> dict:

@@ -104,6 +104,8 @@ class Trainer:
         self.loader = ViewLoader(self.dataset, self.recipe, cfg.data.batch_size, self.device, self.rank, self.world,
                                  t.seed, cfg.data.workers, cfg.data.device_augment)
         self.model = build_method(cfg, channels, self.recipe.size, backbone).to(self.device)
+        if hasattr(self.model, "make_masker"):          # masked image modeling: masks drawn with each batch
+            self.loader.masker = self.model.make_masker()
         self.channels_last = cfg.backbone.channels_last and backbone is None and cfg.backbone.name.startswith("resnet")
         if self.channels_last:      # oneDNN (CPU) and cuDNN both run NHWC convolutions faster
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -325,6 +327,24 @@ class Trainer:
         if window["n"]:
             self._flush_window(window, self.schedule(self.step - 1), bar)
         self.save()
+        if self.step and "batch" in locals():
+            self.write_pictures(batch)
+
+    def write_pictures(self, batch: dict) -> None:
+        """The method's pictures of a batch (e.g. MIM masks and reconstructions) as
+        ``run_dir/pictures/NAME.png`` (main process; a failure is logged, the run is kept)."""
+        if not is_main() or not hasattr(self.model, "pictures"):
+            return
+        try:
+            import torchvision.utils as vutils
+            out = self.run_dir / "pictures"
+            out.mkdir(parents=True, exist_ok=True)
+            for name, image in self.model.pictures(batch).items():
+                tmp = out / f".{name}.tmp.png"
+                vutils.save_image(image.float().cpu(), tmp)
+                os.replace(tmp, out / f"{name}.png")
+        except Exception as e:                      # pictures are a by-product: never lose the run for them
+            log.warning("could not write pictures: %s", e)
 
     def _replan(self, budget: float, bar) -> None:
         """Time budget without a step budget: the schedules' length is the steps that fit in the

@@ -88,8 +88,22 @@ def extract(fn, dataset, pre: dict, device="cpu", batch_size: int = 512, workers
     return torch.cat(feats), torch.cat(labels)
 
 
-def backbone_features(backbone: nn.Module):
-    return lambda x: backbone.forward_features(x).cls
+FEATURES = ("cls", "mean", "cls+mean")
+
+
+def backbone_features(backbone: nn.Module, features: str = "cls"):
+    """x -> B×D features: ``cls`` (the class token of a ViT, the pooled map of a ConvNet),
+    ``mean`` (the mean of the patch tokens: MAE's global pool) or ``cls+mean`` (concatenated)."""
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        f = backbone.forward_features(x)
+        if features == "cls":
+            return f.cls
+        mean = f.patch.mean(1) if f.patch is not None else f.cls
+        return mean if features == "mean" else torch.cat([f.cls, mean], 1)
+    return fn
 
 
 def pixel_features(x: torch.Tensor) -> torch.Tensor:

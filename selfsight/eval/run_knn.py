@@ -18,12 +18,13 @@ def _has_labels(ds) -> bool:
 
 def evaluate_knn(run: str, train: str, test: str, k: int = 20, temperature: float = 0.07,
                  baseline: str | None = None, device: str | None = None, data_root: str = "",
-                 batch_size: int = 512) -> dict:
+                 batch_size: int = 512, features: str = "cls") -> dict:
     """kNN top-1/top-5 of the run's evaluation backbone, or of a baseline on the same data.
 
     ``baseline="pixels"``: raw pixels at the run's input size, normalized as the run's inputs,
     mean-centred with the training-set mean (the stronger pixel baseline). ``"random"``: the
-    same backbone at random initialisation.
+    same backbone at random initialisation. ``features``: cls | mean | cls+mean (see
+    ``features.backbone_features``).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
@@ -35,7 +36,7 @@ def evaluate_knn(run: str, train: str, test: str, k: int = 20, temperature: floa
     for spec, ds in ((train, train_set), (test, test_set)):
         if not _has_labels(ds):
             raise ValueError(f"kNN needs labels: {spec!r} is unlabeled (a folder needs root/<class>/... sub-folders)")
-    fn = pixel_features if baseline == "pixels" else backbone_features(model.backbone)
+    fn = pixel_features if baseline == "pixels" else backbone_features(model.backbone, features)
     train_f, train_y = extract(fn, train_set, pre, device, batch_size)
     test_f, test_y = extract(fn, test_set, pre, device, batch_size)
     if baseline == "pixels":
@@ -43,5 +44,5 @@ def evaluate_knn(run: str, train: str, test: str, k: int = 20, temperature: floa
         train_f, test_f = train_f - mu, test_f - mu
     acc = knn_accuracy(train_f, train_y, test_f, test_y, k, temperature)
     return {"model": baseline or "trained", "method": cfg.method.name, "backbone": cfg.backbone.name,
-            "train": train, "test": test, "k": k, "temperature": temperature, **acc,
+            "train": train, "test": test, "features": features, "k": k, "temperature": temperature, **acc,
             "feature_dim": int(train_f.shape[1]), "seconds": round(time.perf_counter() - t0, 1)}

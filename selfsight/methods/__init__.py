@@ -30,6 +30,6 @@ def register_method(name: str, params: type, defaults: dict | None = None, summa
     return deco
 
 
-from selfsight.methods import barlow_twins, byol, dino, moco, mocov3, simclr, simsiam, vicreg  # noqa: E402,F401  (registers)
+from selfsight.methods import barlow_twins, byol, dino, mim, moco, mocov3, simclr, simsiam, vicreg  # noqa: E402,F401  (registers)
 
 __all__ = ["METHODS", "MethodSpec", "register_method"]

@@ -32,7 +32,7 @@ from selfsight.augment.views import DINO_VIEWS
 from selfsight.heads.dino import DINOHead
 from selfsight.losses.dino import dino_loss, teacher_probs, update_center
 from selfsight.methods import register_method
-from selfsight.nn.momentum import momentum_copy, momentum_update
+from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
 
 
 @dataclass
@@ -65,13 +65,6 @@ def _group_by_resolution(views: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat(g) for g in groups]
 
 
-def _no_drop_path(module: nn.Module) -> nn.Module:
-    for m in module.modules():                 # timm DropPath (and stochastic-depth layers like it)
-        if hasattr(m, "drop_prob"):
-            m.drop_prob = 0.0
-    return module
-
-
 class DINO(nn.Module):
     def __init__(self, params: DINOParams, backbone: nn.Module):
         super().__init__()
@@ -79,7 +72,7 @@ class DINO(nn.Module):
         self.student = backbone
         self.head = DINOHead(backbone.embed_dim, params.out_dim, params.hidden_dim, params.bottleneck_dim,
                              params.head_layers, params.use_bn_in_head, params.norm_last_layer)
-        self.teacher = _no_drop_path(momentum_copy(self.student))
+        self.teacher = without_drop_path(momentum_copy(self.student))
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, params.out_dim))          # 1×K, checkpointed
 

@@ -16,6 +16,14 @@ def momentum_copy(module: nn.Module) -> nn.Module:
     return twin
 
 
+def without_drop_path(module: nn.Module) -> nn.Module:
+    """``module`` with stochastic depth off (teachers see no drop-path: DINO, iBOT, data2vec)."""
+    for m in module.modules():                 # timm DropPath (and stochastic-depth layers like it)
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    return module
+
+
 def _params(modules) -> list[torch.Tensor]:
     modules = [modules] if isinstance(modules, nn.Module) else modules
     return [p for m in modules for p in m.parameters()]

@@ -1,0 +1,40 @@
+"""Masks for a batch of views, made when the batch is assembled (collate time).
+
+``ViewMasker`` holds one ``MaskGenerator`` and the patch size, and masks the views listed in
+``views`` (the others get ``None``): each view's grid is its size // patch. Masks are drawn
+from an integer seed that the loader derives from (run seed, epoch, step, rank), so a resumed
+run, another worker or another process layout regenerates exactly the same masks.
+"""
+from __future__ import annotations
+
+import torch
+
+from selfsight.masking.generators import MaskGenerator
+
+
+def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """A 63-bit seed unique to (run seed, epoch, step in epoch, rank)."""
+    return (((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank) % (2 ** 63)
+
+
+class ViewMasker:
+    def __init__(self, generator: MaskGenerator, patch_size: int, views: tuple = (0,)):
+        self.generator, self.patch_size, self.views = generator, patch_size, tuple(views)
+
+    def grid(self, size: tuple) -> tuple[int, int]:
+        h, w = size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"a {h}×{w} view is not divisible into {self.patch_size}-pixel patches: choose "
+                             f"views.size as a multiple of backbone.patch_size")
+        return h // self.patch_size, w // self.patch_size
+
+    def __call__(self, views: list[torch.Tensor], seed: int) -> list[torch.Tensor | None]:
+        """V views B×C×H×W -> V masks B×N bool (True = masked) on the views' device, or None."""
+        masks: list[torch.Tensor | None] = []
+        for i, v in enumerate(views):
+            if i not in self.views:
+                masks.append(None)
+                continue
+            gh, gw = self.grid(v.shape[-2:])
+            masks.append(self.generator(v.shape[0], gh, gw, seed * 31 + i).to(v.device, non_blocking=True))
+        return masks
