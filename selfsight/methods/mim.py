@@ -134,9 +134,12 @@ class MIM(nn.Module):
         n_masked = 2 if g.kind == "contrastive" else 1
         self.masked_views = tuple(p.mask.views) or tuple(range(n_masked))
         m = p.mask
-        self.masker = ViewMasker(MaskGenerator(m.kind, m.ratio, tuple(m.ratio_range), m.unmasked_share,
-                                               m.min_patches, m.max_patches, tuple(m.aspect)),
-                                 self.patch_size, self.masked_views)
+        try:
+            generator = MaskGenerator(m.kind, m.ratio, tuple(m.ratio_range), m.unmasked_share, m.min_patches,
+                                      m.max_patches, tuple(m.aspect))
+        except ValueError as e:                     # the generator names the argument: name the config key
+            raise ValueError(f"method.mask.{e}") from None
+        self.masker = ViewMasker(generator, self.patch_size, self.masked_views)
 
     @property
     def backbone(self) -> nn.Module:
@@ -226,6 +229,8 @@ class MIM(nn.Module):
             cols += [to_image(rec), to_image(rec * cells + patches * (1 - cells))]
         grid_img = torch.stack(cols, 1).flatten(0, 1) * std + mean               # (n·cols)×C×H×W
         grid_img = grid_img.clamp(0, 1)
+        if grid_img.shape[-1] < 64:                                              # small images: enlarge (nearest)
+            grid_img = nn.functional.interpolate(grid_img, scale_factor=64 // grid_img.shape[-1], mode="nearest")
         if c == 1:
             grid_img = grid_img.expand(-1, 3, -1, -1)
         return {"mim_masks": vutils.make_grid(grid_img, nrow=len(cols), padding=2, pad_value=1.0)}

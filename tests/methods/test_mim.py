@@ -105,6 +105,10 @@ def test_impossible_compositions_are_refused_with_the_key_named(fmnist_small):
     with pytest.raises(ValueError, match="needs a ViT"):
         MIM(MIMParams(), ResNetBackbone("resnet10", in_chans=1, width=8))
     p = MIMParams()
+    p.mask.ratio = 1.5
+    with pytest.raises(ValueError, match="method.mask.ratio must lie in"):
+        MIM(p, vit())
+    p = MIMParams()
     p.target.kind = "teacher"
     with pytest.raises(ValueError, match="method.target.teacher"):
         MIM(p, vit())
@@ -178,6 +182,27 @@ def test_timm_teacher_from_local_weights_gives_its_patch_tokens(tmp_path, fmnist
     out = m(batch_of(fmnist_small), {})
     out["loss"].backward()
     assert not any(k.startswith("target") for k in m.state_dict())
+
+
+def test_torchvision_teacher_gives_its_last_map_on_the_students_grid(tmp_path, fmnist_small):
+    import torchvision
+    torch.manual_seed(2)
+    net = torchvision.models.resnet18()
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    p = MIMParams(student_input="dense", loss="smooth_l1")
+    p.head.kind, p.mask.kind, p.mask.ratio = "linear", "block", 0.4
+    p.target.kind, p.target.norm, p.target.teacher_size = "teacher", "none", 64
+    p.target.teacher, p.target.teacher_weights = "torchvision:resnet18", str(tmp_path / "r18.pth")
+    m = MIM(p, vit())
+    assert m.target.dim == 512
+    x = batch_of(fmnist_small)["views"][0]
+    rgb = nn.functional.interpolate((x * 0.5 + 0.5).expand(-1, 3, -1, -1), size=(64, 64), mode="bicubic",
+                                    antialias=True, align_corners=False)
+    rgb = (rgb - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        fmap = nn.Sequential(*list(net.eval().children())[:-2])(rgb)                  # B×512×2×2
+        expect = nn.functional.interpolate(fmap, size=(7, 7), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(m.target(x, (7, 7)), expect.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)
 
 
 def test_ema_teacher_follows_the_student_and_sees_the_intact_view(fmnist_small):
@@ -258,5 +283,6 @@ def test_reconstruction_picture_is_written(tmp_path, fmnist_small):
     cfg = load_config(None, overrides(**{"method.name": "mae", "train.steps": 2}))
     pretrain(cfg, tmp_path / "run", dataset=fmnist_small)
     img = Image.open(tmp_path / "run" / "pictures" / "mim_masks.png")
-    # 8 rows of 4 columns (input, masked, reconstruction, reconstruction + visible), 28 px + 2 px padding
-    assert img.size == (4 * 30 + 2, 8 * 30 + 2)
+    # 8 rows of 4 columns (input, masked, reconstruction, reconstruction + visible), 28 px shown at 56 px,
+    # 2 px padding
+    assert img.size == (4 * 58 + 2, 8 * 58 + 2)
