@@ -21,7 +21,7 @@ from selfsight.backbones.base import Features
 from selfsight.nn.pos_embed import sincos_2d
 
 SIZES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
-         "vit_base": "vit_base_patch16_224"}
+         "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
 
 
 class ViTBackbone(nn.Module):
