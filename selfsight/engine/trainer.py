@@ -265,6 +265,7 @@ class Trainer:
         session_start = time.perf_counter()
         start_elapsed = self.elapsed
         done = False
+        batch = None
         while not done:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             for batch in self.loader.epoch(epoch, offset):
@@ -327,7 +328,7 @@ class Trainer:
         if window["n"]:
             self._flush_window(window, self.schedule(self.step - 1), bar)
         self.save()
-        if self.step and "batch" in locals():
+        if batch is not None:
             self.write_pictures(batch)
 
     def write_pictures(self, batch: dict) -> None:

@@ -64,8 +64,7 @@ def build_target(params, student: nn.Module, preprocess: dict, ema_network: nn.M
     if kind == "hog":
         return HOGTarget(patch, channels, params.hog_bins, params.hog_cell)
     if kind == "ema":
-        identity = InputAdapter(preprocess["mean"], preprocess["std"], preprocess["mean"], preprocess["std"])
-        return FeatureTarget(ema_network, identity, ema_network.embed_dim, frozen=False)
+        return FeatureTarget(ema_network, None, ema_network.embed_dim, frozen=False)   # same input as the student
     if kind == "teacher":
         if not params.teacher:
             raise ValueError("method.target.kind=teacher needs method.target.teacher: a selfsight run folder or "

@@ -154,7 +154,8 @@ class FeatureTarget(nn.Module):
             raise FileNotFoundError(self.missing)
         if self._frozen and next(net.parameters()).device != x.device:
             net.to(x.device)
-        return _to_grid(net.forward_features(self.adapter(x)).patch, grid)
+        x = x if self.adapter is None else self.adapter(x)                   # None: the student's own input
+        return _to_grid(net.forward_features(x).patch, grid)
 
 
 class TokenTarget(nn.Module):
