@@ -1,6 +1,7 @@
 """The command line: version, methods, errors as one line, pretrain on a folder, eval knn --json, torchrun."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,10 +58,15 @@ def test_pretrain_on_a_folder_then_knn_json(tmp_path, fmnist_small):
 @pytest.mark.slow
 def test_torchrun_two_processes_on_gloo(tmp_path):
     out = tmp_path / "ddp"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29533", "-m", "selfsight", "pretrain", "--out", str(out), "--steps", "4",
-                        *tiny_overrides(**{"train.checkpoint_every": 2})], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "selfsight",
+           "pretrain", "--out", str(out), "--steps", "4", *tiny_overrides(**{"train.checkpoint_every": 2})]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0 and "terminate called without an active exception" in p.stderr:
+        # gloo's TCP transport once aborted a worker at start-up on a loaded 2-core CI machine (no Python
+        # error, never reproduced in 18 local runs, also under load): one fresh try, a real bug fails it again
+        shutil.rmtree(out, ignore_errors=True)
+        p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-6000:]
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 4 and ck["meta"]["world_size"] == 2
     assert any("running_mean" in k for k in ck["model"])           # global BN buffers saved
