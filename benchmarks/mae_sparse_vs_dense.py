@@ -1,6 +1,6 @@
 """MAE's sparse encoder against the same ViT encoding every token (He et al. 2022, §3 and
-Table 1c: "encoder w/ [M]"), in one process: a full training step (forward, backward, AdamW)
-with 75 % random masking, the same decoder and loss on both sides; only the encoder input
+Table 1c: "encoder w/ [M]"), in one process: a full training step (forward, backward, the
+library's AdamW: fused, as the trainer builds it) with 75 % random masking, the same decoder and loss on both sides; only the encoder input
 differs (sparse: the 25 % visible patches; dense: all patches, mask tokens at the masked ones).
 
 Rows: the Fashion-MNIST recipe (6-block ViT-Tiny, 4 px patches at 28 px, 2×128 decoder), and
@@ -19,6 +19,8 @@ import time
 import torch
 
 from selfsight.backbones.vit import ViTBackbone
+from selfsight.config import OptimConfig
+from selfsight.engine.optim import build_optimizer
 from selfsight.engine.trainer import cpu_supports_bf16
 from selfsight.masking import MaskGenerator
 from selfsight.methods.mim import MIM, MIMParams
@@ -58,7 +60,11 @@ def main() -> None:
         x = torch.randn(batch, ch, size, size, generator=g).to(device)      # content does not change the cost
         mask = MaskGenerator("random", 0.75)(batch, size // patch, size // patch, seed=0).to(device)
         models = {"sparse": build(row, True, device), "dense": build(row, False, device)}
-        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95)) for k, m in models.items()}
+        optim_cfg = OptimConfig(name="adamw", betas=(0.9, 0.95), weight_decay=0.05)      # MAE's AdamW
+        opts = {k: build_optimizer(m, optim_cfg, device.type) for k, m in models.items()}
+        for o in opts.values():
+            for group in o.param_groups:
+                group["lr"] = 1.5e-4
         times = {k: [] for k in models}
         peaks = {}
         for i in range(args.warmup + args.steps):

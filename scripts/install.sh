@@ -15,9 +15,10 @@ fi
 .venv/bin/python -m pip install -q -e ".[${extras}]"
 if [ "$extras" = "test" ]; then
   # Real images for the tests: foolbox's wheel ships 20 CIFAR-10/100 PNGs and 20 ImageNet JPEGs
-  # (only its data files are used, so its dependencies are not installed); scikit-image's photos.
+  # (only its data files are used, so its dependencies are not installed); scikit-image's photos;
+  # scikit-learn: the independent logistic-regression reference of the linear-probe test.
   .venv/bin/python -m pip install -q --no-deps "foolbox==3.3.4"
-  .venv/bin/python -m pip install -q "scikit-image>=0.21" "hypothesis>=6"
+  .venv/bin/python -m pip install -q "scikit-image>=0.21" "hypothesis>=6" "scikit-learn>=1.3"
 fi
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

@@ -63,8 +63,10 @@ class BackboneConfig:
     patch_size: int = 16               # ViTs
     img_size: int = 0                  # ViTs; 0 = the view size
     drop_path: float = 0.0             # ViTs
-    pos_embed: str = "learned"         # ViTs: learned | sincos (fixed 2-D sine-cosine, MAE / MoCo v3)
+    pos_embed: str = "learned"         # ViTs: learned | sincos (fixed 2-D sine-cosine, MAE / MoCo v3) | none (BEiT)
     depth: int = 0                     # ViTs: number of blocks; 0 = the size's own (12)
+    layer_scale: float = 0.0           # ViTs: LayerScale init value (CaiT; BEiT 0.1); 0 = off
+    rel_pos_bias: bool = False         # ViTs: BEiT's shared relative position bias (dense input at the build size)
     sync_bn: bool = True               # SyncBatchNorm under DDP (SimCLR's global BN)
     channels_last: bool = True         # ConvNets
 

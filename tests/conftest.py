@@ -33,6 +33,11 @@ def fmnist_small(fmnist):
     return ArrayDataset(fmnist.images[:2048].clone(), fmnist.labels[:2048].clone(), name="fmnist-2k")
 
 
+def normalized(dataset) -> torch.Tensor:
+    """The images of an array data set as floats normalized with mean 0.5, std 0.5 (N×C×H×W in [-1, 1])."""
+    return (dataset.images.float() / 255 - 0.5) / 0.5
+
+
 def tiny_overrides(**extra) -> list[str]:
     """A run small enough for tests: resnet10 of width 8 on 28 px views, fp32."""
     base = {"backbone.name": "resnet10", "backbone.width": 8, "backbone.small_stem": "s2", "views.size": 28,

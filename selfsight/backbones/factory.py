@@ -15,7 +15,8 @@ for _name in SIZES:
     BACKBONES.register(_name)(
         lambda cfg, in_chans, image_size, _n=_name: ViTBackbone(_n, cfg.img_size or image_size, cfg.patch_size,
                                                                 in_chans, cfg.drop_path, pos_embed=cfg.pos_embed,
-                                                                depth=cfg.depth))
+                                                                depth=cfg.depth, layer_scale=cfg.layer_scale,
+                                                                rel_pos_bias=cfg.rel_pos_bias))
 
 
 def build_backbone(cfg, in_chans: int, image_size: int):

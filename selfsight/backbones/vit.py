@@ -9,15 +9,22 @@ number of visible patches). ``enable_masking(mode)`` switches a built backbone t
 
 ``pos_embed="sincos"`` fixes the position embedding to MAE's 2-D sine-cosine table (class
 token row zero, not trained); ``"learned"`` keeps timm's. ``depth`` > 0 overrides the number
-of blocks (small ViTs for CPU budgets).
+of blocks (small ViTs for CPU budgets). ``layer_scale`` > 0 turns on LayerScale with that
+initial value (timm ``init_values``; BEiT uses 0.1). ``rel_pos_bias=True`` adds BEiT's shared
+relative position bias (Bao et al. 2022, §2.2; ``beit/modeling_pretrain.py``: one table of
+(2h−1)(2w−1)+3 entries per head, class-token rows included, zero-initialised, added to the
+attention logits of every block); ``pos_embed="none"`` then drops the absolute embedding (BEiT's
+``use_abs_pos_emb=False``).
 """
 from __future__ import annotations
 
 import timm
+from timm.layers.pos_embed_rel import RelPosBias
 import torch
 import torch.nn as nn
 
 from selfsight.backbones.base import Features
+from selfsight.nn.attention import attention_kernels
 from selfsight.nn.pos_embed import sincos_2d
 
 SIZES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
@@ -26,11 +33,14 @@ SIZES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224
 
 class ViTBackbone(nn.Module):
     def __init__(self, name: str = "vit_small", img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 drop_path: float = 0.0, mask_mode: str = "none", pos_embed: str = "learned", depth: int = 0):
+                 drop_path: float = 0.0, mask_mode: str = "none", pos_embed: str = "learned", depth: int = 0,
+                 layer_scale: float = 0.0, rel_pos_bias: bool = False):
         super().__init__()
-        if pos_embed not in ("learned", "sincos"):
-            raise ValueError(f"backbone.pos_embed must be learned or sincos, got {pos_embed!r}")
+        if pos_embed not in ("learned", "sincos", "none"):
+            raise ValueError(f"backbone.pos_embed must be learned, sincos or none, got {pos_embed!r}")
         extra = {"depth": depth} if depth > 0 else {}
+        if layer_scale > 0:                     # LayerScale (Touvron et al. 2021, CaiT Eq. 4; BEiT init 0.1)
+            extra["init_values"] = layer_scale
         self.net = timm.create_model(SIZES[name], pretrained=False, num_classes=0, img_size=img_size,
                                      patch_size=patch_size, in_chans=in_chans, drop_path_rate=drop_path,
                                      dynamic_img_size=True, **extra)
@@ -44,6 +54,14 @@ class ViTBackbone(nn.Module):
             table = sincos_2d(self.embed_dim, h, w, cls_token=self.net.pos_embed.shape[1] == h * w + 1)
             self.net.pos_embed.data.copy_(table[None])
             self.net.pos_embed.requires_grad_(False)
+        elif pos_embed == "none":                      # BEiT with a relative position bias: no absolute one
+            self.net.pos_embed.data.zero_()
+            self.net.pos_embed.requires_grad_(False)
+        self.rel_pos_bias = None
+        if rel_pos_bias:     # BEiT's shared relative position bias (one table for all blocks), zero-initialised
+            self.rel_pos_bias = RelPosBias(tuple(self.net.patch_embed.grid_size), self.net.blocks[0].attn.num_heads,
+                                           prefix_tokens=self.net.num_prefix_tokens)
+            nn.init.zeros_(self.rel_pos_bias.relative_position_bias_table)
         self.enable_masking(mask_mode)
 
     def enable_masking(self, mode: str) -> None:
@@ -80,7 +98,17 @@ class ViTBackbone(nn.Module):
             patches = x[:, prefix:][keep].reshape(b, int(counts[0]), d)
             x = torch.cat([x[:, :prefix], patches], 1)
         x = n.norm_pre(x)
-        x = n.blocks(x)
+        with attention_kernels(x):
+            if self.rel_pos_bias is None:
+                x = n.blocks(x)
+            else:
+                if x.shape[1] != self.rel_pos_bias.bias_shape[0]:
+                    raise ValueError("backbone.rel_pos_bias needs every patch of the grid it was built for (dense "
+                                     f"input at the build size): got {x.shape[1]} tokens, built for "
+                                     f"{self.rel_pos_bias.bias_shape[0]}")
+                bias = self.rel_pos_bias.get_bias().to(x.dtype)                # 1×heads×(1+N)×(1+N), added to QKᵀ/√d
+                for blk in n.blocks:
+                    x = blk(x, attn_mask=bias)
         x = n.norm(x)
         return Features(x[:, 0], x[:, n.num_prefix_tokens:])
 

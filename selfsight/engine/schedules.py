@@ -13,6 +13,14 @@ def cosine(step: int, total: int, base: float, final: float, warmup: int = 0, wa
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
 
 
+def linear_warmup(x: float, start: float, end: float, length: float) -> float:
+    """``start`` -> ``end`` linearly for ``x`` in [0, length), then ``end`` (DINO / iBOT teacher
+    temperature, indexed by the epoch)."""
+    if x >= length:
+        return end
+    return start + (end - start) * x / length
+
+
 def scaled_lr(base_lr: float, batch: int, base_batch: int, rule: str) -> float:
     """The method's learning-rate scaling rule with the GLOBAL batch (pitfall 23)."""
     if rule == "linear":

@@ -71,6 +71,8 @@ def setup_distributed() -> torch.device:
 def build_method(cfg: RunConfig, channels: int, image_size: int, backbone: nn.Module | None = None) -> nn.Module:
     """The method of ``cfg`` around ``backbone`` (default: the one ``cfg.backbone`` names)."""
     spec = METHODS.get(cfg.method.name)
+    if not spec.needs_backbone:                       # e.g. a tokenizer: the method is the whole network
+        return spec.build(cfg.method, None, channels=channels, image_size=image_size)
     if backbone is None:
         backbone = build_backbone(cfg.backbone, channels, image_size)
     return spec.build(cfg.method, wrap(backbone, in_chans=channels, probe_size=image_size))
@@ -328,6 +330,8 @@ class Trainer:
         if window["n"]:
             self._flush_window(window, self.schedule(self.step - 1), bar)
         self.save()
+        if is_main() and hasattr(self.model, "write_artifacts"):     # e.g. a tokenizer's RUN/tokenizer.pt
+            self.model.write_artifacts(self.run_dir)
         if batch is not None:
             self.write_pictures(batch)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
+from selfsight.nn.attention import attention_kernels
 from selfsight.nn.pos_embed import sincos_2d
 
 HEADS = ("linear", "mlp", "decoder")
@@ -81,8 +82,9 @@ class MAEDecoder(nn.Module):
             m = mask[..., None].to(x.dtype)
             x = x * (1 - m) + self.mask_token.to(x.dtype) * m
         x = torch.cat([self.embed(cls)[:, None], x], 1) + self.pos_embed(grid, x.device).to(x.dtype)
-        for blk in self.blocks:
-            x = blk(x)
+        with attention_kernels(x):
+            for blk in self.blocks:
+                x = blk(x)
         return self.pred(self.norm(x))[:, 1:]                          # B×N×out
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from selfsight.augment.views import DINO_VIEWS
+from selfsight.engine.schedules import linear_warmup
 from selfsight.heads.dino import DINOHead
 from selfsight.losses.dino import dino_loss, teacher_probs, update_center
 from selfsight.methods import register_method
@@ -89,9 +90,7 @@ class DINO(nn.Module):
 
     def teacher_temperature(self, epoch: float) -> float:
         p = self.params
-        if epoch >= p.teacher_temp_warmup_epochs:
-            return p.teacher_temp
-        return p.warmup_teacher_temp + (p.teacher_temp - p.warmup_teacher_temp) * epoch / p.teacher_temp_warmup_epochs
+        return linear_warmup(epoch, p.warmup_teacher_temp, p.teacher_temp, p.teacher_temp_warmup_epochs)
 
     def before_optimizer_step(self, sched: dict) -> None:
         """Between backward and the optimizer step: the last layer stays as initialised while

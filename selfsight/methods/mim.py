@@ -21,7 +21,8 @@ With the sparse encoder this costs one projector pass: the class token already a
 visible patches. (iBOT's DINO term on the class token comes with iBOT.)
 
 Deviation: MaskDistill's student uses BEiT's shared relative position bias and LayerScale; the
-timm ViT here keeps absolute position embeddings and no LayerScale (docs/methods.md).
+``maskdistill`` preset keeps absolute position embeddings and no LayerScale (both are backbone
+options, on in the ``beit``/``beitv2`` presets; docs/mim.md).
 """
 from __future__ import annotations
 
@@ -277,11 +278,30 @@ _MASKDISTILL_DEFAULTS = {
     "backbone": {"name": "vit_base", "drop_path": 0.1},
     "views": {**_NO_COLOR, "crop_scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.0], "jitter_p": 1.0}}
 
+# BEiT (Bao et al. 2022, methods.md §11; beit/run_beit_pretraining.py, README): block masking
+# 40 % (min 16 patches per block at 14×14), mask tokens, linear head to the tokenizer's vocabulary,
+# cross-entropy on the masked positions; the tokenizer sees the same crop at its own size and
+# normalization. AdamW 1.5e-3 at B 2048, wd 0.05, warm-up 10, cosine to 1e-5, clip 3, drop-path
+# 0.1, LayerScale 0.1, shared relative position bias without absolute position embeddings; colour
+# jitter 0.4 always, flip, crop 0.08-1.
+_BEIT_DEFAULTS = {
+    "method": {"student_input": "dense", "loss": "ce", "mask": {"kind": "block", "ratio": 0.4, "min_patches": 16},
+               "target": {"kind": "tokens", "norm": "none"}, "head": {"kind": "linear"}},
+    "optim": {"name": "adamw", "lr": 1.5e-3, "lr_scaling": "linear", "base_batch": 2048, "betas": [0.9, 0.999],
+              "weight_decay": 0.05, "warmup_epochs": 10, "min_lr": 1e-5, "clip_grad": 3.0},
+    "backbone": {"name": "vit_base", "drop_path": 0.1, "layer_scale": 0.1, "rel_pos_bias": True, "pos_embed": "none"},
+    "views": {**_NO_COLOR, "crop_scale": [0.08, 1.0], "jitter": [0.4, 0.4, 0.4, 0.0], "jitter_p": 1.0}}
+# BEiT v2 (Peng et al. 2022a, methods.md §12.2): the same with VQ-KD ids as targets, crop 0.2-1.
+_BEITV2_DEFAULTS = {**_BEIT_DEFAULTS, "views": {**_BEIT_DEFAULTS["views"], "crop_scale": [0.2, 1.0]}}
+
 for _name, _defaults, _summary in (
         ("mim", _MAE_DEFAULTS, "masked image modeling composed from YAML: target, normalization, student input, "
                                "head, loss (defaults: MAE's)"),
         ("mae", _MAE_DEFAULTS, "MAE: sparse encoder on 25 % visible patches, decoder, norm-pix MSE on masked patches"),
         ("maskfeat", _MASKFEAT_DEFAULTS, "MaskFeat: mask tokens, block masking 40 %, linear head regressing HOG"),
         ("maskdistill", _MASKDISTILL_DEFAULTS, "MaskDistill: mask tokens, block masking 40 %, smooth-l1 to "
-                                               "LayerNorm-ed frozen-teacher features")):
+                                               "LayerNorm-ed frozen-teacher features"),
+        ("beit", _BEIT_DEFAULTS, "BEiT: mask tokens, block masking 40 %, linear head, cross-entropy to the ids "
+                                 "of a tokenizer (selfsight tokenizer train)"),
+        ("beitv2", _BEITV2_DEFAULTS, "BEiT v2: BEiT with the ids of a VQ-KD tokenizer (tokenizer train --kind vqkd)")):
     register_method(_name, MIMParams, defaults=_defaults, summary=_summary)(MIM)

@@ -52,6 +52,27 @@ class HOGTarget(nn.Module):
         return self.hog(x, self.patch)                                         # B×N×(C·bins·cells)
 
 
+def build_teacher_target(params, preprocess: dict, key: str = "method.target") -> "FeatureTarget":
+    """A frozen teacher from ``params`` (``teacher``, ``teacher_weights``, ``teacher_size``,
+    ``teacher_dim``) fed the student's input (``preprocess``: its {mean, std}) converted to its own;
+    ``key`` names the config section in errors.
+    Its width is written back to ``params.teacher_dim``; when the teacher's file is gone and the
+    width is known, the target is a placeholder that fails only if called (a finished run stays
+    loadable). Shared by MaskDistill-style targets and VQ-KD tokenizers."""
+    if not params.teacher:
+        raise ValueError(f"a teacher target needs {key}.teacher: a selfsight run folder or checkpoint, "
+                         f"or timm:NAME / torchvision:NAME with {key}.teacher_weights")
+    local = not params.teacher.startswith(("timm:", "torchvision:"))
+    if local and not Path(params.teacher).exists() and params.teacher_dim > 0:
+        return FeatureTarget(None, None, params.teacher_dim, missing=(
+            f"the teacher {params.teacher!r} is needed to train this run and does not exist"))
+    net, pre = load_teacher(params.teacher, params.teacher_weights)
+    adapter = InputAdapter(preprocess["mean"], preprocess["std"], pre["mean"], pre["std"],
+                           params.teacher_size, pre.get("channels", 3))
+    params.teacher_dim = int(net.embed_dim)
+    return FeatureTarget(net, adapter, net.embed_dim)
+
+
 def build_target(params, student: nn.Module, preprocess: dict, ema_network: nn.Module | None = None) -> nn.Module:
     """``params``: the ``method.target`` section; ``preprocess``: the student's {mean, std}.
     A frozen teacher's width is written back to ``params.teacher_dim`` so that a saved config
@@ -66,18 +87,7 @@ def build_target(params, student: nn.Module, preprocess: dict, ema_network: nn.M
     if kind == "ema":
         return FeatureTarget(ema_network, None, ema_network.embed_dim, frozen=False)   # same input as the student
     if kind == "teacher":
-        if not params.teacher:
-            raise ValueError("method.target.kind=teacher needs method.target.teacher: a selfsight run folder or "
-                             "checkpoint, or timm:NAME / torchvision:NAME with method.target.teacher_weights")
-        local = not params.teacher.startswith(("timm:", "torchvision:"))
-        if local and not Path(params.teacher).exists() and params.teacher_dim > 0:
-            return FeatureTarget(None, None, params.teacher_dim, missing=(
-                f"the teacher {params.teacher!r} is needed to train this run and does not exist"))
-        net, pre = load_teacher(params.teacher, params.teacher_weights)
-        adapter = InputAdapter(preprocess["mean"], preprocess["std"], pre["mean"], pre["std"],
-                               params.teacher_size, pre.get("channels", 3))
-        params.teacher_dim = int(net.embed_dim)
-        return FeatureTarget(net, adapter, net.embed_dim)
+        return build_teacher_target(params, preprocess)
     if kind == "tokens":
         if not params.tokenizer:
             raise ValueError("method.target.kind=tokens needs method.target.tokenizer: the path of a tokenizer "
@@ -90,5 +100,5 @@ def build_target(params, student: nn.Module, preprocess: dict, ema_network: nn.M
 
 
 __all__ = ["FeatureTarget", "HOG", "HOGTarget", "InputAdapter", "NORMS", "PixelTarget", "TARGETS", "TOKENIZERS",
-           "TokenTarget", "build_target", "load_teacher", "load_tokenizer", "normalize_target", "patchify",
+           "TokenTarget", "build_target", "build_teacher_target", "load_teacher", "load_tokenizer", "normalize_target", "patchify",
            "save_tokenizer", "unpatchify"]

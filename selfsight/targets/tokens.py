@@ -31,6 +31,7 @@ def save_tokenizer(module: nn.Module, kind: str, config: dict, preprocess: dict,
 
 def load_tokenizer(path: str | Path) -> tuple[nn.Module, dict]:
     """An artifact -> (tokenizer in eval mode, its preprocess dict)."""
+    import selfsight.tokenizers  # noqa: F401 (registers dvae, vq)
     art = safe_load(path)
     if "kind" not in art or "state_dict" not in art:
         raise CheckpointError(f"{path} is a selfsight checkpoint but not a tokenizer artifact")

@@ -16,9 +16,11 @@ def images(fmnist_small, n=4):
     return (fmnist_small.images[:n].float() / 255 - 0.5) / 0.5                 # real images, B×1×28×28
 
 
-def dense_reference(vit: ViTBackbone, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def dense_reference(vit: ViTBackbone, x: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """All tokens through the blocks with attention written out by hand, keys restricted to
-    the class token and the visible patches; returns every position's output."""
+    the class token and the visible patches (``bias``: H×L×L added to every block's attention
+    logits); returns every position's output."""
     n = vit.net
     t = n._pos_embed(n.patch_embed(x))                                        # B×(1+N)×D
     b, length, d = t.shape
@@ -29,6 +31,8 @@ def dense_reference(vit: ViTBackbone, x: torch.Tensor, mask: torch.Tensor) -> to
         qkv = a.qkv(h).reshape(b, length, 3, a.num_heads, d // a.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]                                        # B×H×L×d
         logits = q @ k.transpose(-2, -1) / math.sqrt(d // a.num_heads)
+        if bias is not None:
+            logits = logits + bias
         logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
         att = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, length, d)
         t = t + a.proj(att)
@@ -103,3 +107,41 @@ def test_sincos_table_matches_maes_formula_and_stays_fixed():
     torch.testing.assert_close(vit.net.pos_embed[0], sincos_2d(192, 7, 7, cls_token=True))
     with pytest.raises(ValueError, match="pos_embed"):
         ViTBackbone("vit_tiny", img_size=28, patch_size=4, pos_embed="rope")
+
+
+def beit_relative_index(h: int, w: int) -> torch.Tensor:
+    """BEiT's relative position index (beit/modeling_pretrain.py), written out: patches i, j at
+    (y, x) get (dy + h - 1)·(2w - 1) + (dx + w - 1); then class->patch, patch->class and
+    class->class take the last three entries. (1+hw)×(1+hw) long."""
+    r = (2 * h - 1) * (2 * w - 1)
+    idx = torch.empty(1 + h * w, 1 + h * w, dtype=torch.long)
+    for i in range(h * w):
+        for j in range(h * w):
+            dy, dx = i // w - j // w, i % w - j % w
+            idx[1 + i, 1 + j] = (dy + h - 1) * (2 * w - 1) + (dx + w - 1)
+    idx[0, 1:], idx[1:, 0], idx[0, 0] = r, r + 1, r + 2
+    return idx
+
+
+def test_shared_relative_position_bias_is_beits_and_added_to_every_block(fmnist_small):
+    torch.manual_seed(0)
+    vit = ViTBackbone("vit_tiny", img_size=28, patch_size=4, in_chans=1, depth=2, rel_pos_bias=True,
+                      pos_embed="none").eval()
+    table = vit.rel_pos_bias.relative_position_bias_table
+    assert table.shape == (13 * 13 + 3, 3) and not table.any()                # zero-initialised, 3 heads
+    assert not vit.net.pos_embed.any() and not vit.net.pos_embed.requires_grad
+    with torch.no_grad():
+        table.normal_()                                                        # a trained-looking table
+    x = images(fmnist_small)
+    bias = table[beit_relative_index(7, 7)].permute(2, 0, 1)                   # H×L×L
+    with torch.no_grad():
+        out = vit.forward_features(x)
+        ref = dense_reference(vit, x, torch.zeros(4, 49, dtype=torch.bool), bias)
+    torch.testing.assert_close(out.cls, ref[:, 0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.patch, ref[:, 1:], rtol=1e-4, atol=1e-4)
+    vit.train()
+    vit.forward_features(x).cls.sum().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0               # one table, trained
+    vit.enable_masking("drop")
+    with pytest.raises(ValueError, match="rel_pos_bias"):
+        vit.forward_features(x, MaskGenerator("random", 0.75)(4, 7, 7, seed=0))

@@ -37,3 +37,26 @@ def test_global_clipping_scales_all_tensors_together():
 def test_unknown_mode_is_named():
     with pytest.raises(ValueError, match="clip_mode"):
         clip_gradients(params_with_grads([1.0]), 1.0, "layerwise")
+
+
+def test_adamw_is_fused_on_the_cpu_and_matches_the_reference_update():
+    from selfsight.config import OptimConfig
+    from selfsight.engine.optim import build_optimizer
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    ref = torch.nn.Linear(6, 4)
+    ref.load_state_dict(model.state_dict())
+    cfg = OptimConfig(name="adamw", betas=(0.9, 0.95), weight_decay=0.05, decay_all=True)
+    opt = build_optimizer(model, cfg, "cpu")
+    assert opt.defaults["fused"]
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)   # per-tensor loop
+    for group in opt.param_groups:
+        group["lr"] = 1e-2
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
