@@ -139,15 +139,18 @@ class DINO(nn.Module):
         return self.training_step(batch, sched)
 
 
+# DINO's ViT optimizer (main_dino.py), shared with iBOT (main_ibot.py uses the same defaults)
+DINO_VIT_OPTIM = {"name": "adamw", "lr": 5e-4, "lr_scaling": "linear", "base_batch": 256, "weight_decay": 0.04,
+                  "weight_decay_end": 0.4, "warmup_epochs": 10, "min_lr": 1e-6, "clip_grad": 3.0,
+                  "clip_mode": "per_param"}
+
 register_method(
     "dino", DINOParams,
     # ViT recipe (main_dino.py): AdamW lr 5e-4·B/256, 10 warm-up epochs, cosine to 1e-6, wd cosine
     # 0.04 -> 0.4 (weights only), per-parameter clipping at 3.0, drop-path 0.1 in the student;
     # views: 2 global crops (0.4-1) with BYOL's asymmetric blur/solarize and 8 local crops (0.05-0.4,
     # 96/224 of the size, blur 0.5). ConvNets (README): configs/dino_*.yaml use SGD 0.03, wd 1e-4.
-    defaults={"optim": {"name": "adamw", "lr": 5e-4, "lr_scaling": "linear", "base_batch": 256,
-                        "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_epochs": 10, "min_lr": 1e-6,
-                        "clip_grad": 3.0, "clip_mode": "per_param"},
+    defaults={"optim": DINO_VIT_OPTIM,
               "backbone": {"drop_path": 0.1, "sync_bn": True},
               "views": DINO_VIEWS},
     summary="DINO: self-distillation to an EMA teacher with centering, sharpening and multi-crop",

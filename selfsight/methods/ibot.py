@@ -47,7 +47,7 @@ from selfsight.losses.ibot import ibot_patch_loss, update_patch_center
 from selfsight.masking import MaskGenerator
 from selfsight.masking.views import ViewMasker
 from selfsight.methods import register_method
-from selfsight.methods.dino import DINO, _group_by_resolution
+from selfsight.methods.dino import DINO, DINO_VIT_OPTIM, _group_by_resolution
 from selfsight.methods.mim import MaskParams
 from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
 
@@ -197,9 +197,7 @@ register_method(
     # epochs, cosine to 1e-6, wd cosine 0.04 -> 0.4 (weights only), per-parameter clipping at 3,
     # drop-path 0.1 in the student; 2 global crops (0.25-1) with BYOL's asymmetric blur/solarize and
     # 10 local crops (0.05-0.25, blur 0.5).
-    defaults={"optim": {"name": "adamw", "lr": 5e-4, "lr_scaling": "linear", "base_batch": 256,
-                        "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_epochs": 10, "min_lr": 1e-6,
-                        "clip_grad": 3.0, "clip_mode": "per_param"},
+    defaults={"optim": DINO_VIT_OPTIM,
               "backbone": {"name": "vit_small", "drop_path": 0.1},
               "views": {**DINO_VIEWS, "crop_scale": [0.25, 1.0], "local_crops": 10, "local_crop_scale": [0.05, 0.25]}},
     summary="iBOT: DINO on the class token + masked-patch self-distillation to the EMA teacher (shared head)",
