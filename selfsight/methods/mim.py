@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from selfsight.augment.views import default_normalization
 from selfsight.heads import ProjectionMLP
+from selfsight.heads.aggregation import PatchAggregation
 from selfsight.heads.mim import build_mim_head
 from selfsight.losses.mim import mim_loss
 from selfsight.losses.nt_xent import nt_xent
@@ -79,6 +80,8 @@ class HeadParams:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
+    aggregation_layer: int = 0        # BEiT v2 patch aggregation: early layer l (0 = off; ViT-B: 9)
+    aggregation_depth: int = 2        # extra blocks of the aggregation branch
 
 
 @dataclass
@@ -129,6 +132,12 @@ class MIM(nn.Module):
         h = p.head
         self.head = build_mim_head(h.kind, backbone.embed_dim, self.target.dim, h.hidden_dim, h.decoder_dim,
                                    h.decoder_depth, h.decoder_heads)
+        self.aggregation = None
+        if h.aggregation_layer:
+            if p.student_input != "dense":
+                raise ValueError("method.head.aggregation_layer (BEiT v2's patch aggregation) needs the dense "
+                                 "student input: method.student_input=dense")
+            self.aggregation = PatchAggregation(backbone, h.aggregation_layer, h.aggregation_depth)
         g = p.global_term
         self.projector = ProjectionMLP(backbone.embed_dim, g.hidden_dim, g.dim, 2, last_bn="scale") \
             if g.kind == "contrastive" else None
@@ -167,12 +176,29 @@ class MIM(nn.Module):
             masks = self.masker(batch["views"], int(batch.get("seed", 0)))
         return masks
 
-    def encode(self, x: torch.Tensor, mask: torch.Tensor) -> tuple:
+    def encode(self, x: torch.Tensor, mask: torch.Tensor, aggregate: bool = False) -> tuple:
         """Student on the masked view -> (head predictions, class token, mean of the patch tokens
-        the student saw, patch grid)."""
+        the student saw, patch grid, predictions of the aggregation branch or None)."""
         grid = self.masker.grid(x.shape[-2:])
-        feats = self.student.forward_features(x, mask)                          # cls B×D, patch B×(N|Nv)×D
-        return self.head(feats.cls, feats.patch, mask, grid), feats.cls, feats.patch.mean(1), grid
+        states, handles = self.aggregation.capture(self.student) if aggregate else ({}, [])
+        try:
+            feats = self.student.forward_features(x, mask)                      # cls B×D, patch B×(N|Nv)×D
+        finally:
+            for h in handles:
+                h.remove()
+        pred = self.head(feats.cls, feats.patch, mask, grid)
+        agg = None
+        if aggregate:                                                            # shared final norm and head
+            net, bias = self.student.net, getattr(self.student, "rel_pos_bias", None)
+            bias = bias.get_bias().to(states["early"].dtype) if bias is not None else None
+            s = net.norm(self.aggregation(states, net.num_prefix_tokens, bias))  # B×(1+N)×D
+            agg = self.head(s[:, 0], s[:, 1:], mask, grid)
+        return pred, feats.cls, feats.patch.mean(1), grid, agg
+
+    def _masked_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if pred.shape[:2] == mask.shape:                                         # decoder: every position
+            return mim_loss(pred, target, mask, self.params.loss, self.params.smooth_l1_beta)
+        return mim_loss(pred, target[mask], None, self.params.loss, self.params.smooth_l1_beta)  # masked only
 
     def training_step(self, batch: dict, sched: dict) -> dict:
         views, masks = batch["views"], self._masks(batch)
@@ -182,16 +208,17 @@ class MIM(nn.Module):
                              f"(views.n_views: {max(idx) + 1})")
         x = torch.cat([views[i] for i in idx])                                  # (V·B)×C×H×W
         mask = torch.cat([masks[i] for i in idx])                               # (V·B)×N
-        pred, cls, patch_mean, grid = self.encode(x, mask)
+        pred, cls, patch_mean, grid, agg = self.encode(x, mask, self.aggregation is not None)
         with torch.no_grad():
             target = self.target(x, grid)                                        # (V·B)×N×dim | ids
             if not self.target.discrete:
                 target = normalize_target(target, self.params.target.norm)
-        if pred.shape[:2] == mask.shape:                                         # decoder: every position
-            loss = mim_loss(pred, target, mask, self.params.loss, self.params.smooth_l1_beta)
-        else:                                                                    # linear/MLP: masked tokens only
-            loss = mim_loss(pred, target[mask], None, self.params.loss, self.params.smooth_l1_beta)
+        loss = self._masked_loss(pred, target, mask)
         monitor = {"mim_loss": loss.detach(), "mask_ratio": mask.float().mean()}
+        if agg is not None:                                                      # BEiT v2: same targets, summed
+            agg_loss = self._masked_loss(agg, target, mask)
+            monitor["aggregation_loss"] = agg_loss.detach()
+            loss = loss + agg_loss
         if self.projector is not None:
             z1, z2 = self.projector(cls).chunk(2)
             g = nt_xent(z1, z2, self.params.global_term.temperature, reduction="mean2n")
@@ -212,7 +239,7 @@ class MIM(nn.Module):
         x, mask = batch["views"][i][:n].float(), self._masks(batch)[i][:n]
         was = self.training
         self.eval()
-        pred, _, _, grid = self.encode(x, mask)
+        pred, _, _, grid, _ = self.encode(x, mask)
         self.train(was)
         mean = x.new_tensor(self.preprocess["mean"]).view(1, -1, 1, 1)
         std = x.new_tensor(self.preprocess["std"]).view(1, -1, 1, 1)
@@ -291,8 +318,13 @@ _BEIT_DEFAULTS = {
               "weight_decay": 0.05, "warmup_epochs": 10, "min_lr": 1e-5, "clip_grad": 3.0},
     "backbone": {"name": "vit_base", "drop_path": 0.1, "layer_scale": 0.1, "rel_pos_bias": True, "pos_embed": "none"},
     "views": {**_NO_COLOR, "crop_scale": [0.08, 1.0], "jitter": [0.4, 0.4, 0.4, 0.0], "jitter_p": 1.0}}
-# BEiT v2 (Peng et al. 2022a, methods.md §12.2): the same with VQ-KD ids as targets, crop 0.2-1.
-_BEITV2_DEFAULTS = {**_BEIT_DEFAULTS, "views": {**_BEIT_DEFAULTS["views"], "crop_scale": [0.2, 1.0]}}
+# BEiT v2 (Peng et al. 2022a, methods.md §12.2): the same with VQ-KD ids as targets, crop 0.2-1,
+# and the patch-aggregation branch (final class token + the patch tokens of layer 9 of 12 through 2
+# extra blocks, the shared head, a second cross-entropy; heads/aggregation.py).
+_BEITV2_DEFAULTS = {**_BEIT_DEFAULTS,
+                    "method": {**_BEIT_DEFAULTS["method"],
+                               "head": {"kind": "linear", "aggregation_layer": 9, "aggregation_depth": 2}},
+                    "views": {**_BEIT_DEFAULTS["views"], "crop_scale": [0.2, 1.0]}}
 
 for _name, _defaults, _summary in (
         ("mim", _MAE_DEFAULTS, "masked image modeling composed from YAML: target, normalization, student input, "

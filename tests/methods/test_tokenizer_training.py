@@ -40,6 +40,8 @@ def beit_cfg(tokenizer: str, name: str = "beit", **extra):
             "views.preset": "small", "data.batch_size": 32, "train.precision": "fp32", "train.progress": "false",
             "train.tensorboard": "false", "train.log_every": 5, "optim.warmup_epochs": 0, "optim.lr": 2e-3,
             "optim.base_batch": 32, "optim.clip_grad": 3.0}
+    if name == "beitv2":              # the preset's patch aggregation (layer 9 of 12) on the 2-block ViT: layer 1
+        base["method.head.aggregation_layer"] = 1
     return load_config(None, [f"{k}={v}" for k, v in {**base, **extra}.items()])
 
 
@@ -101,7 +103,7 @@ def test_beit_cross_entropy_counts_the_masked_positions_only(vq_run, fmnist_smal
     loss = model(batch, {})["loss"]
     mask = masks[0].flatten(1)                                               # B×N, True = masked
     assert 0 < mask.float().mean() < 0.8
-    pred, _, _, grid = model.encode(x, mask)                                 # logits of the masked tokens
+    pred, _, _, grid, _ = model.encode(x, mask)                               # logits of the masked tokens
     ids = model.target(x, grid)                                              # B×N token ids, intact view
     reference = -F.log_softmax(pred.float(), -1).gather(1, ids[mask][:, None]).mean()
     torch.testing.assert_close(loss, reference)
@@ -136,6 +138,9 @@ def test_beit_learns_the_tokenizer_ids_on_real_images(tmp_path, vq_run, fmnist_s
     pretrain(cfg, tmp_path / name, dataset=fmnist_small)
     ls = [r["loss"] for r in metrics(tmp_path / name)]
     assert ls[0] > 2.0 and sum(ls[-2:]) / 2 < 0.9 * ls[0], ls                 # CE falls from about ln 64
+    if name == "beitv2":                                                      # and so does the aggregation branch's
+        agg = [r["aggregation_loss"] for r in metrics(tmp_path / name)]
+        assert sum(agg[-2:]) / 2 < 0.9 * agg[0], agg
     ck = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
     assert any("gamma" in k for k in ck["model"])                            # LayerScale on
 
