@@ -19,6 +19,19 @@ if [ "$extras" = "test" ]; then
   # scikit-learn: the independent logistic-regression reference of the linear-probe test.
   .venv/bin/python -m pip install -q --no-deps "foolbox==3.3.4"
   .venv/bin/python -m pip install -q "scikit-image>=0.21" "hypothesis>=6" "scikit-learn>=1.3"
+  # ONNX export (torch.onnx's exporter needs onnx + onnxscript) checked against onnxruntime
+  .venv/bin/python -m pip install -q "onnx>=1.16" "onnxscript>=0.3" "onnxruntime>=1.18"
+  # Debian's chromium: the HTML report is rendered in a real headless browser (tests/viz/test_report_browser.py)
+  if ! command -v chromium >/dev/null; then
+    CSUDO=""
+    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && CSUDO="sudo -n"
+    if command -v apt-get >/dev/null && { [ "$(id -u)" -eq 0 ] || [ -n "$CSUDO" ]; }; then
+      ($CSUDO apt-get update -qq && $CSUDO apt-get install -y -qq chromium) >/dev/null 2>&1 \
+        || echo "note: could not install chromium with apt; the browser test of the HTML report will be skipped"
+    else
+      echo "note: no apt-get/root: chromium not installed; the browser test of the HTML report will be skipped"
+    fi
+  fi
 fi
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

@@ -1,4 +1,5 @@
-"""``selfsight <verb>``: pretrain, tokenizer train, eval knn|linear, demo, methods, --version.
+"""``selfsight <verb>``: pretrain, tokenizer train, eval knn|linear|finetune|health, pictures, report,
+compare, demo, methods, export, embed, neighbors, --version.
 
 Errors are one line on stderr and exit code 2 (set SELFSIGHT_DEBUG=1 for the traceback).
 Multi-process: ``torchrun --nproc_per_node N -m selfsight pretrain ...`` (see docs/distributed.md).
@@ -92,28 +93,128 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def _finish_eval(args, res: dict, line: str) -> int:
+    """Print an evaluation's result (one JSON object with --json, else ``line``); --save also keeps
+    it as RUN/eval/PROTOCOL[_BASELINE].json for `selfsight report`/`compare`."""
+    if getattr(args, "save", False):
+        from selfsight.report import save_eval
+        save_eval(args.run, args.protocol, res)
+    print(json.dumps(res) if args.json else line)
+    return 0
+
+
 def cmd_eval_knn(args) -> int:
     from selfsight.eval.run_knn import evaluate_knn
     res = evaluate_knn(args.run, args.train, args.test, args.k, args.temperature, args.baseline,
                        device=args.device, data_root=args.data_root, features=args.features)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"kNN (k={res['k']}, T={res['temperature']}) {res['model']} {res['method']}/{res['backbone']} "
-              f"on {res['test']}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}")
-    return 0
+    line = (f"kNN (k={res['k']}, T={res['temperature']}) {res['model']} {res['method']}/{res['backbone']} "
+            f"on {res['test']}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}")
+    return _finish_eval(args, res, line)
 
 
 def cmd_eval_linear(args) -> int:
     from selfsight.eval.run_knn import evaluate_linear
-    res = evaluate_linear(args.run, args.train, args.test, args.baseline, device=args.device,
-                          data_root=args.data_root, features=args.features, epochs=args.epochs,
-                          batchnorm=not args.no_batchnorm)
+    if args.full:                       # frozen backbone, augmented images every epoch, SGD + cosine
+        from selfsight.eval.linear_full import evaluate_linear_full
+        res = evaluate_linear_full(args.run, args.train, args.test, args.baseline, device=args.device,
+                                   data_root=args.data_root, features=args.features, epochs=args.epochs,
+                                   lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                                   warmup_epochs=args.warmup_epochs, batchnorm=not args.no_batchnorm,
+                                   workers=args.workers, crop_scale=(args.crop_min, 1.0))
+    else:
+        res = evaluate_linear(args.run, args.train, args.test, args.baseline, device=args.device,
+                              data_root=args.data_root, features=args.features, epochs=args.epochs,
+                              batchnorm=not args.no_batchnorm)
+    line = (f"{'full ' if args.full else ''}linear probe ({args.epochs} epochs, lr {res['lr']}, "
+            f"wd {res['weight_decay']}) {res['model']} {res['method']}/{res['backbone']} on {res['test']}: "
+            f"top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}")
+    return _finish_eval(args, res, line)
+
+
+def cmd_eval_finetune(args) -> int:
+    from selfsight.eval.finetune import finetune
+    res = finetune(args.run, args.train, args.test, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                   layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
+                   warmup_epochs=args.warmup_epochs, drop_path=args.drop_path, features=args.features,
+                   optimizer=args.optimizer, device=args.device, baseline=args.baseline,
+                   max_train_images=args.images, data_root=args.data_root)
+    line = (f"fine-tune ({res['epochs']} epochs, {res['optimizer']}, lr {res['lr']:.3g}, layer decay "
+            f"{res['layer_decay']}) {res['model']} {res['method']}/{res['backbone']} on {res['test']}: "
+            f"top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}")
+    return _finish_eval(args, res, line)
+
+
+def cmd_eval_health(args) -> int:
+    from selfsight.eval.health import evaluate_health
+    res = evaluate_health(args.run, args.data, n_images=args.images, baseline=args.baseline, device=args.device,
+                          features=args.features, data_root=args.data_root)
+    line = (f"health of {res['model']} {res['method']}/{res['backbone']} ({res['features']}, {res['feature_dim']}-d) "
+            f"on {res['n_images']} images of {res['data']}: RankMe {res['rankme']:.2f} (max {res['rankme_max']})  "
+            f"alignment {res['alignment']:.4f}  uniformity {res['uniformity']:.4f}  "
+            f"std {res['embedding_std']:.4f} ({res['embedding_std_ratio']:.3f} x 1/sqrt(D))")
+    return _finish_eval(args, res, line)
+
+
+def cmd_pictures(args) -> int:
+    """Embedding maps, retrieval grid, ViT attention, the method's own pictures, curves (docs/usage.md)."""
+    from selfsight.viz.pictures import write_pictures
+    written = write_pictures(args.run, args.data, args.out, n=args.images, maps=tuple(args.map or ["pca"]),
+                             features=args.features, device=args.device or "cpu", data_root=args.data_root)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from selfsight.report import write_report
+    print(write_report(args.run, args.out))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from selfsight.report import compare_rows, compare_table
+    rows = compare_rows(args.runs)
+    print(json.dumps(rows) if args.json else compare_table(rows))
+    return 0
+
+
+def cmd_export(args) -> int:
+    """The evaluation backbone alone: safetensors / torchvision / timm / ONNX (docs/api.md)."""
+    from selfsight.deploy import export
+    meta = export(args.run, args.out, args.format)
+    if args.json:
+        print(json.dumps({"out": args.out, **{k: v for k, v in meta.items() if k != "config"}}))
+    else:
+        build = (meta.get("torchvision") or meta.get("timm") or {}).get("build", "selfsight.load_backbone(FILE)")
+        print(f"exported {meta['method']}/{meta['backbone']} ({meta['feature_dim']}-d features, "
+              f"{meta['image_size']} px, {meta['channels']} channels) as {args.format} -> {args.out}\n"
+              f"load into: {build if args.format in ('torchvision', 'timm') else 'selfsight.load_backbone(FILE)'}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    """Embeddings of every image in a folder (resumable: run the same command again after a stop)."""
+    from selfsight.deploy import embed
+    res = embed(args.model, args.folder, args.out, batch_size=args.batch_size, workers=args.workers,
+                device=args.device, shard_size=args.shard_size, progress=not args.json)
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"linear probe ({args.epochs} epochs, lr {res['lr']}, wd {res['weight_decay']}) {res['model']} "
-              f"{res['method']}/{res['backbone']} on {res['test']}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}")
+        print(f"{res['count']} embeddings ({res['dim']}-d; {res['skipped']} unreadable images skipped; "
+              f"{res['shards_reused']} of {res['shards']} shards reused) -> {', '.join(res['written'])}")
+    return 0
+
+
+def cmd_neighbors(args) -> int:
+    from selfsight.deploy import neighbors
+    rows = neighbors(args.embeddings, args.query, args.k, args.picture, args.model, args.backend)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['rank']:3d}  {r['score']:.4f}  {r['index']:7d}  {r['file']}")
+        if args.picture:
+            print(f"picture -> {args.picture}")
     return 0
 
 
@@ -175,12 +276,31 @@ def _eval_options(p: argparse.ArgumentParser, train_help: str) -> None:
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--train", required=True, help=train_help)
     p.add_argument("--test", required=True, help="labeled data to classify")
-    p.add_argument("--features", default="cls", choices=["cls", "mean", "cls+mean"],
-                   help="ViTs: class token, mean of the patch tokens, or both concatenated (default cls)")
+    _features_option(p)
     p.add_argument("--baseline", choices=["pixels", "random"], help="evaluate a baseline instead of the trained backbone")
+    _common_eval_options(p)
+
+
+def _features_arg(value: str) -> str:
+    from selfsight.eval.features import parse_features
+    try:
+        parse_features(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _features_option(p: argparse.ArgumentParser) -> None:
+    from selfsight.eval.features import FEATURES_HELP
+    p.add_argument("--features", default="cls", type=_features_arg, metavar="{cls,mean,cls+mean,lastN,lastN+mean}",
+                   help=f"{FEATURES_HELP} (default cls)")
+
+
+def _common_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--data-root", default="", help="where built-in sets live ($SELFSIGHT_DATA)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--save", action="store_true", help="also write the result to RUN/eval/ (for report/compare)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,7 +335,92 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_options(lp, "labeled data to fit the classifier")
     lp.add_argument("--epochs", type=int, default=30)
     lp.add_argument("--no-batchnorm", action="store_true", help="no standardisation in front (MAE's BatchNorm)")
+    lp.add_argument("--full", action="store_true",
+                    help="the full path (GPU): frozen backbone, random-resized-crop + flip every epoch, SGD + cosine")
+    lp.add_argument("--lr", type=float, default=0.1, help="--full: base learning rate for batch 256 (lr·B/256)")
+    lp.add_argument("--batch-size", type=int, default=256, help="--full: batch size")
+    lp.add_argument("--weight-decay", type=float, default=0.0, help="--full: weight decay of the linear layer")
+    lp.add_argument("--warmup-epochs", type=float, default=0.0, help="--full: linear warm-up before the cosine")
+    lp.add_argument("--crop-min", type=float, default=0.08, help="--full: smallest random-resized-crop area share")
+    lp.add_argument("--workers", type=int, default=2, help="--full: DataLoader workers for folders")
     lp.set_defaults(func=cmd_eval_linear)
+
+    ft = esub.add_parser("finetune", help="fine-tune the whole backbone with a new linear head (docs/usage.md)")
+    _eval_options(ft, "labeled data to fine-tune on")
+    ft.add_argument("--epochs", type=int, default=10)
+    ft.add_argument("--batch-size", type=int, default=256)
+    ft.add_argument("--lr", type=float, help="base lr at batch 256, scaled by B/256 (default: ViTs 5e-4, ResNets 0.1)")
+    ft.add_argument("--layer-decay", type=float, default=0.75, help="ViTs: layer-wise lr decay (default 0.75; 1 = off)")
+    ft.add_argument("--label-smoothing", type=float, default=0.1)
+    ft.add_argument("--weight-decay", type=float, help="default: ViTs 0.05 (AdamW), ResNets 1e-4 (SGD)")
+    ft.add_argument("--warmup-epochs", type=float, help="default: a tenth of the epochs, at most 5")
+    ft.add_argument("--drop-path", type=float, help="ViTs: stochastic depth of the last block (default 0.1)")
+    ft.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "sgd"],
+                    help="auto: AdamW with layer decay for ViTs, momentum SGD for ResNets")
+    ft.add_argument("--images", type=int, help="fine-tune on a random subset of this many training images")
+    ft.set_defaults(func=cmd_eval_finetune)
+
+    h = esub.add_parser("health", help="label-free health metrics: RankMe, alignment, uniformity, embedding std")
+    h.add_argument("run", help="run folder or checkpoint file")
+    h.add_argument("--data", required=True, help="images to measure on (labels not needed): built-in set or folder")
+    h.add_argument("--images", type=int, default=4096, help="images drawn from --data (0 = all; default 4096)")
+    _features_option(h)
+    h.add_argument("--baseline", choices=["random"], help="the same backbone at random initialisation")
+    _common_eval_options(h)
+    h.set_defaults(func=cmd_eval_health)
+
+    pic = sub.add_parser("pictures", help="write a run's pictures (embedding map, retrieval, attention, curves)")
+    pic.add_argument("run", help="run folder or checkpoint file")
+    pic.add_argument("--data", help="images to show: built-in set or folder (default: the run's held-out split)")
+    pic.add_argument("--out", help="folder for the PNGs (default RUN/pictures)")
+    pic.add_argument("--images", type=int, default=512, help="images drawn from --data (default 512)")
+    pic.add_argument("--map", action="append", choices=["pca", "tsne", "umap"],
+                     help="2-D map of the embeddings (repeatable; default pca; tsne needs scikit-learn, umap umap-learn)")
+    _features_option(pic)
+    pic.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    pic.add_argument("--data-root", default="", help="where built-in sets live ($SELFSIGHT_DATA)")
+    pic.set_defaults(func=cmd_pictures)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page for a run")
+    rp.add_argument("run", help="run folder")
+    rp.add_argument("--out", help="HTML file (default RUN/report.html)")
+    rp.set_defaults(func=cmd_report)
+
+    cp = sub.add_parser("compare", help="a table of runs side by side")
+    cp.add_argument("runs", nargs="+", help="run folders")
+    cp.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    cp.set_defaults(func=cmd_compare)
+
+    x = sub.add_parser("export", help="write the evaluation backbone alone (safetensors, torchvision, timm, onnx)")
+    x.add_argument("run", help="run folder or checkpoint file")
+    x.add_argument("--out", required=True, help="output file (.safetensors; .onnx for --format onnx)")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "torchvision", "timm", "onnx"],
+                   help="safetensors: selfsight's backbone; torchvision (ResNets) / timm (ViTs): their state-dict "
+                        "keys (strict=True); onnx: x -> features (default safetensors)")
+    x.add_argument("--json", action="store_true", help="print one JSON object")
+    x.set_defaults(func=cmd_export)
+
+    em = sub.add_parser("embed", help="embeddings of every image in a folder (resumable)")
+    em.add_argument("model", help="exported .safetensors file, run folder or checkpoint")
+    em.add_argument("folder", help="folder of images (searched recursively)")
+    em.add_argument("--out", required=True, help="OUT.npy (+ OUT.files.txt, OUT.json) or OUT.parquet (pyarrow)")
+    em.add_argument("--batch-size", type=int, default=256)
+    em.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    em.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
+    em.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    em.add_argument("--json", action="store_true", help="print one JSON object")
+    em.set_defaults(func=cmd_embed)
+
+    nb = sub.add_parser("neighbors", help="most similar images of an embedding file (cosine)")
+    nb.add_argument("embeddings", help="output of `selfsight embed` (.npy or .parquet)")
+    nb.add_argument("query", help="an index, a file name of the collection, or any image file")
+    nb.add_argument("--k", type=int, default=10)
+    nb.add_argument("--picture", help="write the query and its neighbours as a PNG")
+    nb.add_argument("--model", help="model to embed a query image with (default: the collection's)")
+    nb.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"],
+                    help="exact search in torch, or faiss (auto: faiss for large collections when installed)")
+    nb.add_argument("--json", action="store_true", help="print one JSON list")
+    nb.set_defaults(func=cmd_neighbors)
 
     m = sub.add_parser("methods", help="list methods, backbones and bundled recipes")
     m.set_defaults(func=cmd_methods)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ class TrainConfig:
     deterministic: bool = False
     checkpoint_every: int = 500        # steps; 0 = only at the end
     log_every: int = 20                # steps between metric logs
+    nonfinite_limit: int = 10          # non-finite loss/grad steps: skipped and counted; stop at this many in a row
     threads: int = 0                   # torch CPU threads per process; 0 = torch default
     progress: bool = True
     tensorboard: bool = True
@@ -111,6 +113,9 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     test: str = ""                     # test split used by `selfsight demo`; "" = the train set's test split
+    online_probe: bool = False         # train a linear probe on detached features during pretraining (needs labels)
+    online_probe_lr: float = 1e-3      # its own Adam learning rate
+    online_probe_features: str = "cls" # cls | mean | cls+mean | lastN[+mean] (as eval --features)
 
 
 @dataclass
@@ -140,7 +145,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
     if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
             raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
         return int(value)
     if typ is float:
@@ -177,6 +183,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = [f.name for f in fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} has an invalid key {key!r}")
         if key not in names:
             raise ConfigError(_suggest(key, names, prefix))
         typ = hints[key]
@@ -246,23 +254,35 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def build_config(tree: dict) -> RunConfig:
-    """Validate a raw nested dict into a RunConfig (method section chosen by its name)."""
+def build_config(tree: dict, resolved: bool = False) -> RunConfig:
+    """Validate a raw nested dict into a RunConfig (method section chosen by its name).
+
+    ``resolved=True``: ``tree`` is a run's saved, fully resolved config (a checkpoint's): the
+    method's preset defaults are not merged under it again, so a key added to selfsight after
+    the run was written takes its plain default (features are added switched off) instead of a
+    preset value the run never had."""
     from selfsight.methods import METHODS  # late import: methods register their schemas
 
     tree = dict(tree)
     if isinstance(tree.get("method"), str):
         tree["method"] = {"name": tree["method"]}
+    if not isinstance(tree.get("method") or {}, dict):
+        raise ConfigError(f"config section 'method' must be a mapping or a method name, got {tree['method']!r}")
     name = (tree.get("method") or {}).get("name", "simclr")
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'method.name' must be a string, got {name!r}")
     try:
         spec = METHODS.get(name)
     except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
-    tree = _merge(spec.defaults, tree)          # the method's own recipe defaults, under the user's
+        raise ConfigError(f"config key 'method.name': {e.args[0]}") from None
+    if not resolved:
+        tree = _merge(spec.defaults, tree)      # the method's own recipe defaults, under the user's
     method_tree = tree.pop("method", None) or {}
     method = from_dict(spec.params, {**method_tree, "name": name}, "method.")
     cfg = from_dict(RunConfig, tree)
     cfg.method = method
+    from selfsight.validate import validate_config
+    validate_config(cfg)                        # values and combinations, before anything runs
     return cfg
 
 

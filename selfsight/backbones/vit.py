@@ -74,7 +74,9 @@ class ViTBackbone(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Features:
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding, mask token or dropped patches, position embedding, class token:
+        the tokens B×(1+N)×D that enter the first block."""
         n = self.net
         if mask is not None and self.mask_mode == "none":
             raise ValueError("this ViT was built with mask_mode='none'; build it with 'token' or 'drop' to pass a mask")
@@ -97,20 +99,47 @@ class ViTBackbone(nn.Module):
             prefix = n.num_prefix_tokens
             patches = x[:, prefix:][keep].reshape(b, int(counts[0]), d)
             x = torch.cat([x[:, :prefix], patches], 1)
-        x = n.norm_pre(x)
+        return n.norm_pre(x)
+
+    def _attn_bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.rel_pos_bias is None:
+            return None
+        if x.shape[1] != self.rel_pos_bias.bias_shape[0]:
+            raise ValueError("backbone.rel_pos_bias needs every patch of the grid it was built for (dense "
+                             f"input at the build size): got {x.shape[1]} tokens, built for "
+                             f"{self.rel_pos_bias.bias_shape[0]}")
+        return self.rel_pos_bias.get_bias().to(x.dtype)         # 1×heads×(1+N)×(1+N), added to QKᵀ/√d
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Features:
+        n = self.net
+        x = self._embed(x, mask)
         with attention_kernels(x):
-            if self.rel_pos_bias is None:
+            bias = self._attn_bias(x)
+            if bias is None:
                 x = n.blocks(x)
             else:
-                if x.shape[1] != self.rel_pos_bias.bias_shape[0]:
-                    raise ValueError("backbone.rel_pos_bias needs every patch of the grid it was built for (dense "
-                                     f"input at the build size): got {x.shape[1]} tokens, built for "
-                                     f"{self.rel_pos_bias.bias_shape[0]}")
-                bias = self.rel_pos_bias.get_bias().to(x.dtype)                # 1×heads×(1+N)×(1+N), added to QKᵀ/√d
                 for blk in n.blocks:
                     x = blk(x, attn_mask=bias)
         x = n.norm(x)
         return Features(x[:, 0], x[:, n.num_prefix_tokens:])
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """The tokens B×(1+N)×D after each of the last ``n`` blocks, each passed through the final
+        norm (DINO ``get_intermediate_layers``, used by its ``eval_linear.py``); the last entry
+        equals ``forward_features``'s tokens."""
+        net = self.net
+        depth = len(net.blocks)
+        if not 1 <= n <= depth:
+            raise ValueError(f"asked for the last {n} blocks of a ViT with {depth}")
+        x = self._embed(x)
+        out = []
+        with attention_kernels(x):
+            bias = self._attn_bias(x)
+            for i, blk in enumerate(net.blocks):
+                x = blk(x) if bias is None else blk(x, attn_mask=bias)
+                if i >= depth - n:
+                    out.append(net.norm(x))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).cls

@@ -64,6 +64,7 @@ class ImageFolder(Dataset):
         transform: Callable[[Any], Any] | None = None,
     ) -> None:
         self.root = os.path.abspath(os.fspath(root))
+        self._real_root = os.path.realpath(self.root)
         self.transform = transform
         self.follow_symlinks = follow_symlinks
         if not os.path.exists(self.root):
@@ -127,6 +128,9 @@ class ImageFolder(Dataset):
                 path = os.path.join(self.root, self._path(i))
                 tries += 1
                 try:
+                    # a link that left the root after indexing (a reused cache, a changed link) is not read
+                    if not self.follow_symlinks and not _inside(os.path.realpath(path), self._real_root):
+                        raise BrokenImageError(path, "resolves outside the data root (follow_symlinks=False)")
                     image = load_image(path)
                 except (BrokenImageError, OSError) as e:
                     self._bad.add(i)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from selfsight.augment import BatchedViews, ViewRecipe, build_per_sample_views
 from selfsight.data.arrays import ArrayDataset
+from selfsight.faults import maybe_crash
 from selfsight.masking.views import batch_seed
 
 
@@ -126,6 +127,7 @@ class ViewLoader:
                 t2 = time.perf_counter()
                 batch["masks"] = self.masker(batch["views"], batch_seed(self.seed, epoch, step, self.rank))
                 self.augment_time += time.perf_counter() - t2
+            maybe_crash(epoch * self.steps_per_epoch + step, self.rank)     # test hook (SELFSIGHT_TEST_CRASH)
             step += 1
             yield batch
 
@@ -133,4 +135,4 @@ class ViewLoader:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())

@@ -31,18 +31,30 @@ RANK_MIN = 2.0                # effective rank of a batch that carries one or tw
 
 
 @torch.no_grad()
+def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023, Eq. 1) of N×D embeddings: exp(-Σ p_k log p_k) with
+    p_k = σ_k / ‖σ‖₁ + eps over the singular values σ of z (uncentred, as the paper)."""
+    s = torch.linalg.svdvals(z.detach().double())
+    p = s / s.sum().clamp(min=1e-12) + eps
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def normalized_std(z: torch.Tensor) -> float:
+    """Mean over dimensions of the per-dimension std of the L2-normalized rows of z (SimSiam
+    Fig. 2): about 1/sqrt(D) for a healthy embedding, 0 for one collapsed to a constant."""
+    return F.normalize(z.detach().float(), dim=1).std(0).mean().item() if z.shape[0] > 1 else 0.0
+
+
+@torch.no_grad()
 def embedding_stats(z: torch.Tensor) -> dict:
     """z: N×D embeddings (one process's batch). Returns floats for the logs."""
     z = z.detach().float()
     if not bool(torch.isfinite(z).all()):
         return {}                     # a non-finite step: the engine counts and skips it
-    n, d = z.shape
-    zn = F.normalize(z, dim=1)
-    std = zn.std(0).mean().item() if n > 1 else 0.0
-    s = torch.linalg.svdvals(z)                                   # uncentred, as the RankMe paper
-    p = s / s.sum().clamp(min=1e-12) + 1e-7
-    rank = math.exp(float(-(p * p.log()).sum()))
-    return {"embedding_std": std, "embedding_std_ratio": std * math.sqrt(d), "rankme": rank}
+    d = z.shape[1]
+    std = normalized_std(z)
+    return {"embedding_std": std, "embedding_std_ratio": std * math.sqrt(d), "rankme": rankme(z)}
 
 
 def collapse_warning(row: dict) -> str | None:

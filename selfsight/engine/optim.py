@@ -43,6 +43,11 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def skips_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases, normalization parameters (ndim <= 1) and the ViT tokens get no weight decay."""
+    return p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+
+
 def param_groups(model: nn.Module, decay_all: bool = False) -> list[dict]:
     """Two groups: ``decay`` (weights, ndim > 1) and ``no_decay`` (biases, norm params, tokens).
     ``decay_all``: weight decay on the second group too (MoCo v3's AdamW decays every parameter);
@@ -53,7 +58,7 @@ def param_groups(model: nn.Module, decay_all: bool = False) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+        skip = skips_weight_decay(name, p)
         groups.setdefault((skip, id(p) in fixed), []).append(p)
     rest = {"apply_wd": True, "lars": False} if decay_all else {"apply_wd": False, "lars": False, "weight_decay": 0.0}
     out = []
@@ -94,10 +99,13 @@ def clip_gradients(parameters, max_norm: float, mode: str = "global") -> None:
         raise ValueError(f"optim.clip_mode must be one of {CLIP_MODES}, got {mode!r}")
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str = "cpu") -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg, device_type: str = "cpu", groups: list[dict] | None = None
+                    ) -> torch.optim.Optimizer:
+    """``cfg``: an ``OptimConfig``; ``groups``: parameter groups to use instead of ``param_groups``
+    (e.g. fine-tuning's layer-wise learning-rate groups)."""
     if cfg.clip_mode not in CLIP_MODES:
         raise ValueError(f"optim.clip_mode must be one of {CLIP_MODES}, got {cfg.clip_mode!r}")
-    groups = param_groups(model, cfg.decay_all)
+    groups = param_groups(model, cfg.decay_all) if groups is None else groups
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":

@@ -21,9 +21,11 @@ from selfsight.config import RunConfig, save_config, to_dict
 from selfsight.data import build_dataset
 from selfsight.data.loader import ViewLoader
 from selfsight.engine.monitor import collapse_warning, embedding_stats
-from selfsight.engine.checkpoint import FORMAT_VERSION, atomic_save, rng_state, safe_load, set_rng_state
+from selfsight.engine.checkpoint import (FORMAT_VERSION, atomic_save, check_compatible, load_model_state, rng_state,
+                                         safe_load, set_rng_state)
 from selfsight.engine.optim import build_optimizer, clip_gradients, gradients_finite
 from selfsight.engine.schedules import cosine, scaled_lr
+from selfsight.eval.online_probe import build_online_probe
 from selfsight.methods import METHODS
 from selfsight.nn.distributed import all_ranks_true, any_rank_true, is_main, rank, world_size
 from selfsight.nn.sync_bn import convert_sync_batchnorm
@@ -115,6 +117,8 @@ class Trainer:
         if self.world > 1 and cfg.backbone.sync_bn:      # global BN before the optimizer sees the parameters
             self.model = convert_sync_batchnorm(self.model, self.device.type)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        # eval.online_probe: a linear classifier on detached features, outside the model and its optimizer
+        self.probe = build_online_probe(cfg.eval, self.model, self.dataset, self.device, log)
         self.ddp = self.model
         if self.world > 1:
             # buffers are not broadcast from rank 0 each step: a MoCo queue is identical on every rank
@@ -129,6 +133,8 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0            # training seconds over all sessions (for the minutes budget)
         self.nonfinite_in_row = 0
+        self.nonfinite_total = 0      # non-finite steps skipped in this session
+        self._saved_step = None       # step of the last checkpoint written or resumed from
         self.collapse_warnings = 0
         self._stop_signal = None
         self.writer = None
@@ -168,7 +174,8 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "model": self.model.state_dict(),
+        probe = {"online_probe": self.probe.state_dict_full()} if self.probe is not None else {}
+        return {**probe, "format_version": FORMAT_VERSION, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "total_steps": self.total_steps,
                 "elapsed": self.elapsed, "rng": rng_state(), "loader": self.loader.state_dict(),
                 "config": to_dict(self.cfg),
@@ -177,19 +184,41 @@ class Trainer:
                          "world_size": self.world}}
 
     def save(self) -> None:
+        """Write the checkpoint atomically (main process). A failed write (disk full, unwritable
+        folder) leaves the previous checkpoint as it was and stops every process with one line."""
+        error, per_rank = None, None
+        if self.world > 1:          # each process's own RNG and loader streams, so a resumed DDP run continues exactly
+            per_rank = [None] * self.world
+            dist.all_gather_object(per_rank, {"rng": rng_state(), "loader": self.loader.state_dict()})
         if is_main():
-            atomic_save(self.state(), self.run_dir / CHECKPOINT)
-        if self.world > 1:
-            dist.barrier()
+            try:
+                state = self.state()
+                if per_rank is not None:
+                    state["rank_states"] = per_rank
+                atomic_save(state, self.run_dir / CHECKPOINT)
+            except OSError as e:
+                error = e
+        if (any_rank_true(error is not None) if self.world > 1 else error is not None):   # also the barrier
+            kept = f"the previous checkpoint (step {self._saved_step}) is intact" if self._saved_step is not None \
+                else "no checkpoint was written before"
+            why = (error.strerror or str(error)) if error is not None else "it failed on the main process"
+            raise TrainingError(f"could not write the checkpoint {self.run_dir / CHECKPOINT} at step {self.step} "
+                                f"({why}); {kept}")
+        self._saved_step = self.step
 
     def load(self, path: Path) -> None:
         ck = safe_load(path, map_location=self.device)
-        self.model.load_state_dict(ck["model"])
+        check_compatible(ck, self.cfg.method.name, self.cfg.backbone.name, path)   # one line, not a key traceback
+        load_model_state(self.model, ck["model"], path)
+        self._saved_step = ck["step"]
         self.optimizer.load_state_dict(ck["optimizer"])
         self.step, self.total_steps, self.elapsed = ck["step"], ck["total_steps"], ck["elapsed"]
+        if self.probe is not None and "online_probe" in ck:        # a checkpoint without one: a fresh probe
+            self.probe.load_state_dict_full(ck["online_probe"])
         if ck["meta"].get("world_size", 1) == self.world:
-            set_rng_state(ck["rng"])
-            self.loader.load_state_dict(ck["loader"])
+            own = ck["rank_states"][self.rank] if "rank_states" in ck else ck      # older checkpoints: rank 0's
+            set_rng_state(own["rng"])
+            self.loader.load_state_dict(own["loader"])
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- logging ----------------------------------------------------------------------------
@@ -256,7 +285,10 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.close()
         result = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "minutes": self.elapsed / 60,
-                  "run_dir": str(self.run_dir), "stopped_by_signal": self._stop_signal is not None}
+                  "run_dir": str(self.run_dir), "stopped_by_signal": self._stop_signal is not None,
+                  "nonfinite_steps": self.nonfinite_total}
+        if self.nonfinite_total and is_main():
+            log.warning("%d steps with a non-finite loss or gradients were skipped", self.nonfinite_total)
         if self._stop_signal is not None and is_main():
             log.warning("stopped by signal %d at step %d; checkpoint written, resume with --resume",
                         self._stop_signal, self.step)
@@ -291,9 +323,10 @@ class Trainer:
                     finite = all_ranks_true(gradients_finite(self.model.parameters()))
                 if not finite:
                     self.nonfinite_in_row += 1
+                    self.nonfinite_total += 1
                     window["nonfinite"] += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    if self.nonfinite_in_row >= 10:
+                    if self.nonfinite_in_row >= t.nonfinite_limit:
                         raise TrainingError(f"loss or gradients were not finite for {self.nonfinite_in_row} steps "
                                             f"in a row (step {self.step}); last good checkpoint kept in {ck_path}")
                 else:
@@ -307,6 +340,8 @@ class Trainer:
                         self.model.after_step(sched)
                     window["loss"] += loss.detach().float()
                     window["n"] += 1
+                if self.probe is not None:      # after the step: no influence on this step's gradients
+                    self.probe.step(self.model.backbone, batch["views"][0], batch["label"], self.amp_dtype)
                 window["skipped"] += batch["skipped"]
                 self.step += 1
                 self.elapsed = start_elapsed + time.perf_counter() - session_start
@@ -316,11 +351,14 @@ class Trainer:
                     self._t_step1, self._s_step1 = self.elapsed, self.step
                 if bar is not None:
                     bar.update(1)
-                if self.step % t.log_every == 0:
-                    self._flush_window(window, sched, bar)
                 # every rank must stop at the same step (clocks and signals differ between processes)
                 stop = any_rank_true(bool(self.total_steps and self.step >= self.total_steps)
                                      or self.elapsed >= budget or self._stop_signal is not None)
+                # the online probe's epoch (or the last, partial one) goes in the row written at its end
+                probe_row = self.probe.epoch_stats() if self.probe is not None \
+                    and (self.step % self.steps_per_epoch == 0 or stop) else None
+                if self.step % t.log_every == 0 or probe_row is not None:
+                    self._flush_window(window, sched, bar, probe_row)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not stop \
                         and not self.nonfinite_in_row:          # never checkpoint inside a non-finite streak
                     self.save()
@@ -366,7 +404,7 @@ class Trainer:
             bar.total = new_total
             bar.refresh()
 
-    def _flush_window(self, w: dict, sched: dict, bar) -> None:
+    def _flush_window(self, w: dict, sched: dict, bar, extra: dict | None = None) -> None:
         now = time.perf_counter()
         span = max(now - w["t"], 1e-9)
         steps = max(w["n"] + w["nonfinite"], 1)
@@ -380,6 +418,11 @@ class Trainer:
                "nonfinite_steps": w["nonfinite"], "elapsed_min": self.elapsed / 60}
         row.update({k: v for k, v in sched.items() if k not in row and k not in ("total_steps", "progress")})
         row.update(w.pop("monitor", {}))
+        if extra:
+            row.update(extra)
+            if is_main():
+                log.info("epoch %.2f: online probe train top-1 %.4f, loss %.4f", row["epoch"],
+                         extra["online_probe_top1"], extra["online_probe_loss"])
         self._log(row)
         warning = collapse_warning(row)
         if warning and is_main():

@@ -1,6 +1,7 @@
 """Frozen-backbone features for evaluation, and loading the evaluation backbone of a run."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from selfsight.config import build_config
 from selfsight.data.arrays import ArrayDataset
-from selfsight.engine.checkpoint import CheckpointError, safe_load
+from selfsight.engine.checkpoint import CheckpointError, load_model_state, safe_load
 
 
 def load_run(path: str | Path, device="cpu", random_init: bool = False):
@@ -25,12 +26,12 @@ def load_run(path: str | Path, device="cpu", random_init: bool = False):
     if not ck_path.exists():
         raise CheckpointError(f"no checkpoint at {ck_path}")
     ck = safe_load(ck_path, map_location="cpu")
-    cfg = build_config(ck["config"])
+    cfg = build_config(ck["config"], resolved=True)
     pre = ck["meta"]["preprocess"]
     torch.manual_seed(cfg.train.seed)
     model = build_method(cfg, pre["channels"], pre["size"])
     if not random_init:
-        model.load_state_dict(ck["model"])
+        load_model_state(model, ck["model"], ck_path)
     return model.to(device).eval(), cfg, pre
 
 
@@ -59,16 +60,28 @@ def _batches(dataset, batch_size: int, workers: int, size: int):
         return
     import torchvision.transforms.v2 as T
     if size <= 64:
-        dataset.transform = T.Compose([T.ToImage(), T.Resize((size, size), antialias=True)])
+        transform = T.Compose([T.ToImage(), T.Resize((size, size), antialias=True)])
     else:
-        dataset.transform = T.Compose([T.ToImage(), T.Resize(round(size * 256 / 224), antialias=True),
-                                       T.CenterCrop(size)])
+        transform = T.Compose([T.ToImage(), T.Resize(round(size * 256 / 224), antialias=True), T.CenterCrop(size)])
+    getattr(dataset, "dataset", dataset).transform = transform          # a folder, or a Subset of one
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval)
     yield from loader
 
 
 def _collate_eval(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
+
+
+def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images of a folder (always decoded as RGB) for a run trained on gray images, or the reverse:
+    RGB -> luma (ITU-R 601-2, as PIL's "L"), gray -> repeated."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 3 and channels == 1:
+        return (x * torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, True)
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, -1, -1)
+    raise ValueError(f"the images have {x.shape[1]} channels, the run was trained on {channels}")
 
 
 @torch.no_grad()
@@ -79,7 +92,7 @@ def extract(fn, dataset, pre: dict, device="cpu", batch_size: int = 512, workers
     std = torch.tensor(pre["std"], device=device).view(1, -1, 1, 1)
     feats, labels = [], []
     for images, y in _batches(dataset, batch_size, workers, pre["size"]):
-        x = images.to(device).float() / 255.0
+        x = _match_channels(images.to(device).float() / 255.0, mean.shape[1])
         x = (_resize(x, pre["size"]) - mean) / std
         with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             f = fn(x)
@@ -89,20 +102,48 @@ def extract(fn, dataset, pre: dict, device="cpu", batch_size: int = 512, workers
 
 
 FEATURES = ("cls", "mean", "cls+mean")
+_LAST = re.compile(r"last(\d+)(\+mean)?")
+FEATURES_HELP = ("cls (a ViT's class token, a ConvNet's pooled map), mean (mean of the patch tokens), cls+mean, "
+                 "lastN (ViTs: class tokens of the last N blocks, e.g. last4, as DINO's linear probe) or "
+                 "lastN+mean (plus the mean patch token of the last block)")
+
+
+def parse_features(features: str) -> tuple[str, int, bool]:
+    """``cls`` | ``mean`` | ``cls+mean`` | ``lastN`` | ``lastN+mean`` -> (kind, n, with_mean);
+    kind is the name itself, or ``last`` for the last-N-blocks choices."""
+    if features in FEATURES:
+        return features, 1, False
+    m = _LAST.fullmatch(features)
+    if m and int(m.group(1)) >= 1:
+        return "last", int(m.group(1)), m.group(2) is not None
+    raise ValueError(f"features must be one of {', '.join(FEATURES)}, lastN or lastN+mean (N >= 1, e.g. last4), "
+                     f"got {features!r}")
 
 
 def backbone_features(backbone: nn.Module, features: str = "cls"):
     """x -> B×D features: ``cls`` (the class token of a ViT, the pooled map of a ConvNet),
-    ``mean`` (the mean of the patch tokens: MAE's global pool) or ``cls+mean`` (concatenated)."""
-    if features not in FEATURES:
-        raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
+    ``mean`` (the mean of the patch tokens: MAE's global pool), ``cls+mean`` (concatenated),
+    ``lastN`` (ViTs: the class tokens of the last N blocks, each after the final norm,
+    concatenated: N·D; DINO ``eval_linear.py`` ``n_last_blocks``) or ``lastN+mean`` (plus the
+    mean of the last block's patch tokens: DINO's ``avgpool_patchtokens``)."""
+    kind, n_last, with_mean = parse_features(features)
+    if kind == "last" and not hasattr(backbone, "get_intermediate_layers"):
+        raise ValueError(f"--features {features} needs a ViT backbone (the class tokens of its last blocks); "
+                         f"{type(backbone).__name__} has no blocks with class tokens: use cls, mean or cls+mean")
 
     def fn(x: torch.Tensor) -> torch.Tensor:
+        if kind == "last":
+            layers = backbone.get_intermediate_layers(x, n_last)                  # n × B×(1+N)×D, normed
+            prefix = getattr(getattr(backbone, "net", None), "num_prefix_tokens", 1)
+            out = [t[:, 0] for t in layers]
+            if with_mean:
+                out.append(layers[-1][:, prefix:].mean(1))
+            return torch.cat(out, 1)
         f = backbone.forward_features(x)
-        if features == "cls":
+        if kind == "cls":
             return f.cls
         mean = f.patch.mean(1) if f.patch is not None else f.cls
-        return mean if features == "mean" else torch.cat([f.cls, mean], 1)
+        return mean if kind == "mean" else torch.cat([f.cls, mean], 1)
     return fn
 
 

@@ -84,7 +84,8 @@ def _load_weights(path: str) -> dict:
         except ImportError:
             raise ImportError("reading .safetensors weights needs `pip install safetensors`") from None
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from selfsight.engine.checkpoint import load_plain
+    state = load_plain(path)                    # weights_only: a pickled code payload is refused, never run
     return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from selfsight.engine.checkpoint import CheckpointError, safe_load
+from selfsight.engine.checkpoint import CheckpointError, load_model_state, safe_load
 from selfsight.registry import Registry
 
 TOKENIZERS: Registry = Registry("tokenizer")
@@ -39,8 +39,11 @@ def load_tokenizer(path: str | Path) -> tuple[nn.Module, dict]:
         build = TOKENIZERS.get(art["kind"])
     except KeyError as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
-    module = build(art["config"])
-    module.load_state_dict(art["state_dict"])
+    try:
+        module = build(art["config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: tokenizer config does not build a {art['kind']} tokenizer ({e})") from None
+    load_model_state(module, art["state_dict"], path)
     for p in module.parameters():
         p.requires_grad_(False)
     return module.eval(), art["preprocess"]

@@ -99,3 +99,16 @@ def test_the_branch_runs_in_training_and_is_refused_where_it_cannot_work(fmnist_
     with pytest.raises(ValueError, match="student_input=dense"):
         MIM(p, ViTBackbone("vit_tiny", img_size=28, patch_size=4, in_chans=1, depth=2))
 
+
+def test_a_run_saved_before_the_branch_existed_loads_without_it(tmp_path):
+    """A checkpoint's config is fully resolved: keys added later take their plain default (off),
+    not the preset's value, so a BEiT v2 run of a 6-block ViT saved before this key still loads."""
+    from selfsight.config import build_config, to_dict
+    cfg = load_config(None, ["method.name=beitv2", "backbone.name=vit_tiny", "backbone.depth=6", "backbone.patch_size=4",
+                             "views.size=28", "method.target.kind=pixels", "method.target.norm=none",
+                             "method.loss=l2", "method.head.aggregation_layer=0"])
+    saved = to_dict(cfg)
+    del saved["method"]["head"]["aggregation_layer"], saved["method"]["head"]["aggregation_depth"]
+    assert build_config(saved, resolved=True).method.head.aggregation_layer == 0
+    with pytest.raises(ValueError, match="aggregation_layer must be in 1..5"):
+        build_method(build_config(saved), 1, 28)                     # the preset's 9 would apply again

@@ -1,0 +1,118 @@
+"""``load_backbone(path)``: an exported file or a run -> (backbone in eval mode, its preprocessing)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+class Preprocess:
+    """A PIL image or uint8 tensor (C×H×W, or B×C×H×W) -> the normalized float input of the backbone.
+
+    Channels are matched first (RGB -> gray with PIL's ITU-R 601 weights, gray -> RGB by
+    repetition), then the evaluation resize of ``selfsight.eval.features._resize`` (small images
+    straight to S×S; large ones shorter side to S·256/224 and the central crop), then
+    ``(x / 255 - mean) / std``. A single image gives C×S×S, a batch B×C×S×S.
+    """
+
+    def __init__(self, size: int, mean, std, channels: int):
+        self.size, self.channels = int(size), int(channels)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Preprocess":
+        return cls(meta.get("image_size", meta.get("size")), meta["mean"], meta["std"], meta["channels"])
+
+    def to_uint8(self, image) -> torch.Tensor:
+        """PIL image / uint8 tensor -> uint8 C×H×W or B×C×H×W with the model's channel count."""
+        from PIL import Image
+        if isinstance(image, Image.Image):
+            image = image.convert("L" if self.channels == 1 else "RGB")
+            import torchvision.transforms.v2.functional as TF
+            return TF.pil_to_tensor(image)
+        x = torch.as_tensor(image)
+        if x.dtype != torch.uint8:
+            raise ValueError(f"preprocess takes PIL images or uint8 tensors, got a {x.dtype} tensor")
+        c = x.shape[-3]
+        if c == self.channels:
+            return x
+        if c == 3 and self.channels == 1:                     # PIL's "L": (299 R + 587 G + 114 B) / 1000
+            w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+            return (x.float() * w).sum(-3, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        if c == 1 and self.channels == 3:
+            return x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+        raise ValueError(f"the model takes {self.channels}-channel images, got {c} channels")
+
+    def __call__(self, image) -> torch.Tensor:
+        from selfsight.eval.features import _resize
+        x = self.to_uint8(image)
+        single = x.ndim == 3
+        x = _resize((x[None] if single else x).float() / 255, self.size)          # B×C×S×S in [0, 1]
+        x = (x - self.mean) / self.std
+        return x[0] if single else x
+
+    def __repr__(self) -> str:
+        return (f"Preprocess(size={self.size}, channels={self.channels}, mean={self.mean.flatten().tolist()}, "
+                f"std={self.std.flatten().tolist()})")
+
+
+def _from_run(path: Path, device):
+    from selfsight.eval.features import load_run
+    model, cfg, pre = load_run(path, device)
+    backbone = model.backbone.eval()
+    meta = {"format": "run", "method": cfg.method.name, "backbone": cfg.backbone.name, "image_size": pre["size"],
+            "mean": pre["mean"], "std": pre["std"], "channels": pre["channels"],
+            "feature_dim": int(backbone.embed_dim)}
+    return backbone, meta
+
+
+def _from_export(path: Path, device):
+    from safetensors.torch import load_file
+    from selfsight.deploy.backbone import read_metadata, timm_model, torchvision_model
+    meta = read_metadata(path)
+    fmt = meta["format"]
+    if fmt == "onnx":
+        raise ValueError(f"{path} is an ONNX export: run it with onnxruntime (input {meta['input']})")
+    sd = load_file(str(path))
+    if fmt == "torchvision":
+        net = torchvision_model(meta)
+    elif fmt == "timm":
+        net = timm_model(meta)
+    else:                                           # selfsight's own backbone, rebuilt from the saved config
+        from selfsight.backbones import build_backbone
+        from selfsight.config import build_config
+        cfg = build_config(meta["config"], resolved=True)
+        net = build_backbone(cfg.backbone, meta["channels"], meta["image_size"])
+        if "mask_token" in sd:
+            net.enable_masking("token")
+    net.load_state_dict(sd, strict=True)
+    return net.to(device).eval(), meta
+
+
+def load_backbone(path: str | Path, device="cpu", with_meta: bool = False):
+    """An exported file (``selfsight export``) or a run folder / checkpoint -> (backbone, preprocess).
+
+    The backbone is in eval mode and maps normalized B×C×S×S inputs to B×D features
+    (``backbone(x)``); selfsight's own backbones (safetensors exports and runs) also have
+    ``forward_features(x) -> Features(cls, patch)``. ``preprocess`` (a ``Preprocess``) maps a PIL
+    image or uint8 tensor to that input. ``with_meta=True`` adds the metadata dict as a third value.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p} does not exist (give an exported .safetensors file, a run folder or a checkpoint)")
+    if p.is_dir() or p.suffix in (".pt", ".pth"):
+        net, meta = _from_run(p, device)
+    else:
+        net, meta = _from_export(p, device)
+    pre = Preprocess.from_meta(meta)
+    return (net, pre, meta) if with_meta else (net, pre)
+
+
+@torch.no_grad()
+def features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """B×D features of normalized inputs for any backbone ``load_backbone`` returns."""
+    if hasattr(net, "forward_features") and hasattr(net, "embed_dim") and not hasattr(net, "default_cfg"):
+        return net.forward_features(x).cls
+    return net(x)

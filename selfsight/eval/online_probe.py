@@ -1,0 +1,146 @@
+"""Online linear probe: a linear classifier trained beside pretraining on detached features.
+
+Each step (``eval.online_probe=true``) the probe takes the first view of the batch, runs the
+method's evaluation backbone on it once more in evaluation mode and without gradients (an
+extra forward of one view per step: about a sixth of the step's compute for a two-view
+method; evaluation mode so that the backbone's BatchNorm statistics, dropout and drop-path
+are not touched), and trains ``BatchNorm1d(affine=False) -> Linear`` on those features with
+its own Adam optimizer and cross-entropy on the batch labels (samples labeled -1, i.e.
+unlabeled, are left out). Nothing flows back into the backbone: the features are computed
+under ``torch.no_grad``, the probe's parameters are in no optimizer of the run, and building
+the probe draws no random numbers (zero-initialised weights), so the backbone's gradients and
+the run's random streams are the same with and without it (tested).
+
+Under DDP every process trains its probe on its own share of the batch and the probe's
+gradients are averaged over the processes (all-reduce), so the probes stay identical (the
+BatchNorm running statistics are each process's own, as for the backbone's).
+
+The probe's running train top-1 and loss (over the current epoch's labeled samples, summed
+over processes) are logged per epoch; its parameters, optimizer and running sums are saved
+in the checkpoint (``online_probe``) and resumed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from selfsight.nn.distributed import world_size
+
+
+def num_classes_of(dataset) -> int:
+    """The number of classes of a data source, 0 when it has no labels."""
+    if hasattr(dataset, "labeled"):                      # ImageFolder
+        return len(dataset.classes) if dataset.labeled else 0
+    labels = getattr(dataset, "labels", None)
+    if labels is None or len(labels) == 0:
+        return 0
+    return int(labels.max()) + 1 if bool((labels >= 0).any()) else 0
+
+
+class OnlineProbe(nn.Module):
+    def __init__(self, dim: int, num_classes: int, lr: float = 1e-3, features: str = "cls", device=None):
+        super().__init__()
+        self.features = features
+        self.norm = nn.BatchNorm1d(dim, affine=False, device=device)
+        # zeros (a convex problem: any start will do) instead of nn.Linear's random init, so
+        # that turning the probe on leaves the run's random number stream as it was
+        self.weight = nn.Parameter(torch.zeros(num_classes, dim, device=device))
+        self.bias = nn.Parameter(torch.zeros(num_classes, device=device))
+        self.optimizer = torch.optim.Adam([self.weight, self.bias], lr=lr)
+        self.register_buffer("sums", torch.zeros(3, device=device, dtype=torch.float64))   # loss·n, correct, n
+        self._fn = None
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(f), self.weight, self.bias)
+
+    @torch.no_grad()
+    def _backbone_features(self, backbone: nn.Module, x: torch.Tensor, amp_dtype=None) -> torch.Tensor:
+        from selfsight.eval.features import backbone_features
+        modes = [(m, m.training) for m in backbone.modules()]
+        backbone.eval()
+        try:
+            with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                return backbone_features(backbone, self.features)(x).to(self.weight.dtype)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def step(self, backbone: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp_dtype=None) -> None:
+        """One optimizer step of the probe on ``backbone``'s detached features of ``images``
+        (computed under autocast to ``amp_dtype`` when given, as the training step)."""
+        f = self._backbone_features(backbone, images, amp_dtype)
+        keep = labels >= 0
+        ok = bool(keep.sum() > 1 and torch.isfinite(f).all())
+        if world_size() > 1:                    # every process must join the all-reduce below, or none
+            flag = torch.tensor([float(ok)], device=f.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item() > 0)
+        if not ok:
+            return
+        f, y = f[keep], labels[keep]
+        with torch.autocast(f.device.type, enabled=False):
+            self.train()
+            logits = self(f)
+            loss = F.cross_entropy(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if world_size() > 1:
+            for p in (self.weight, self.bias):
+                dist.all_reduce(p.grad)
+                p.grad /= world_size()
+        self.optimizer.step()
+        with torch.no_grad():
+            n = len(y)
+            self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
+                                      torch.tensor(n, dtype=torch.float64, device=f.device)])
+
+    def epoch_stats(self, reset: bool = True) -> dict:
+        """Running train top-1 and loss since the last reset, over every process (a collective
+        under DDP: call it on all processes at the same step)."""
+        s = self.sums.clone()
+        if world_size() > 1:
+            dist.all_reduce(s)
+        if reset:
+            self.sums.zero_()
+        n = float(s[2])
+        if n == 0:
+            return {}
+        return {"online_probe_top1": float(s[1]) / n, "online_probe_loss": float(s[0]) / n,
+                "online_probe_samples": int(n)}
+
+    def state_dict_full(self) -> dict:
+        return {"model": self.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict_full(self, state: dict) -> None:
+        self.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def build_online_probe(eval_cfg, model: nn.Module, dataset, device, log=None) -> OnlineProbe | None:
+    """The probe that ``eval.online_probe`` asks for, or None (off, no labels, or no backbone)."""
+    if not eval_cfg.online_probe:
+        return None
+    from selfsight.eval.features import backbone_features, parse_features
+    parse_features(eval_cfg.online_probe_features)
+    classes = num_classes_of(dataset)
+    try:
+        backbone = model.backbone
+    except (AttributeError, ValueError):                 # e.g. a tokenizer: no backbone to probe
+        backbone = None
+    if classes < 2 or backbone is None:
+        if log is not None:
+            why = "the training data have no labels" if classes < 2 else "this method has no backbone"
+            log.warning("eval.online_probe is on but %s: no online probe", why)
+        return None
+    backbone_features(backbone, eval_cfg.online_probe_features)        # a clear error for lastN on a ConvNet
+    dim = _feature_dim(backbone, eval_cfg.online_probe_features)
+    return OnlineProbe(dim, classes, eval_cfg.online_probe_lr, eval_cfg.online_probe_features, device)
+
+
+def _feature_dim(backbone: nn.Module, features: str) -> int:
+    from selfsight.eval.features import parse_features
+    kind, n, with_mean = parse_features(features)
+    d = backbone.embed_dim
+    return {"cls": d, "mean": d, "cls+mean": 2 * d}.get(kind, n * d + (d if with_mean else 0))
