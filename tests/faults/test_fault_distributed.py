@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,9 @@ def finish(job, out, env: dict, restarts: int, method: str) -> str:
         # gloo's TCP transport once aborted a worker at start-up on a loaded 2-core CI machine (see
         # tests/test_cli.py): one fresh try; a real bug fails it again
         shutil.rmtree(out, ignore_errors=True)
+        crash = env.get("SELFSIGHT_TEST_CRASH")
+        if crash:                                   # the retry must crash again: forget the first crash
+            Path(crash.split(":", 2)[2]).unlink(missing_ok=True)
         p, log = torchrun(out, env, restarts, method)
         wait(p, log)
         text = open(f"{out}.log").read()
