@@ -1,10 +1,10 @@
 """Training throughput: selfsight vs a plain loop built from lightly's parts (SimCLR, MoCo v2,
-BYOL, SimSiam, DINO).
+BYOL, SimSiam, DINO, MAE).
 
-Same model (torchvision resnet18, ImageNet stem, 3-channel input), same global batch (256), same
-data (Fashion-MNIST as RGB at 32 px), same optimizer (SGD, momentum 0.9, lr 0.06·B/128, wd 5e-4)
-and precision, same views on both sides (blur off at 32 px on both sides, as selfsight's small
-preset).
+The joint-embedding methods: same model (torchvision resnet18, ImageNet stem, 3-channel input),
+same global batch (256), same data (Fashion-MNIST as RGB at 32 px), same optimizer (SGD, momentum
+0.9, lr 0.06·B/128, wd 5e-4) and precision, same views on both sides (blur off at 32 px on both
+sides, as selfsight's small preset).
 
 * SimCLR: 2-layer BN projector 512-512-128, NT-Xent τ 0.5, SimCLR views (crop 0.08-1, flip,
   jitter 0.8 with p 0.8, grayscale 0.2, no blur); lightly: ``NTXentLoss`` + ``SimCLRTransform``.
@@ -50,6 +50,26 @@ preset).
   freeze_last_layer=1)``, ``DINOLoss``, ``update_momentum``, ``cancel_last_layer_gradients`` and
   ``DINOTransform(32, local_crop_size=16, n_local_views=6, gaussian_blur=(0, 0, 0))`` as lightly's
   DINO example (one forward per crop).
+* MAE (its own model and optimizer): the same timm ViT on both sides (``vit_tiny_patch16_224``
+  built with ``pretrained=False, img_size=32, patch_size=4, depth=6``: 6 blocks, 192 wide, 3
+  heads, an 8×8 grid of 64 patches, class token, fixed 2-D sin-cos position embedding), random
+  masking of 75 % (16 visible patches + the class token through the encoder), a decoder of 2 timm
+  blocks 128 wide with 4 heads (MLP ratio 4, fixed sin-cos positions, class token kept; the size
+  of selfsight's Fashion-MNIST recipe), norm-pix MSE on the masked patches, AdamW (0.9, 0.95),
+  lr 1.5e-4·B/256, wd 0.05, views crop 0.2-1 + flip at 32 px. selfsight: ``method.name=mae
+  backbone.name=vit_tiny backbone.depth=6 backbone.patch_size=4 method.head.decoder_dim=128
+  method.head.decoder_depth=2 method.head.decoder_heads=4``; lightly 1.6.0:
+  ``MaskedVisionTransformerTIMM`` (encoder on ``idx_keep`` from ``random_token_mask``),
+  ``MaskedVisionTransformerDecoderTIMM`` with a Linear in and a Linear out (1.6.0 deprecates
+  ``MAEDecoderTIMM`` for it, pointing to its MAE example; the same timm blocks),
+  ``MAETransform(32)``, and MSE on per-patch normalized targets (MAE's ``norm_pix_loss``; lightly's
+  example regresses raw pixels).
+  Left unmatched, small cost differences: lightly predicts pixels for the masked tokens only
+  (selfsight for all, then selects), its ViT is built without ``dynamic_img_size``, its crop is
+  bicubic (selfsight: bilinear, batched on the device), and its AdamW is PyTorch's default
+  (foreach) with weight decay on every parameter (selfsight: the fused kernel, no decay on biases
+  and norms). selfsight's own choices stay on: the math attention kernel for short sequences on
+  the CPU (``nn/attention.py``).
 
 Adding a method: one ``Bench`` entry in ``BENCHES`` (its selfsight overrides, extra selfsight
 rows, and a builder of the lightly loop returning a ``LightlyLoop``: the per-image transform that
@@ -62,7 +82,7 @@ times a fixed number of steps. Prints images/s, the share of step time spent wai
 peak memory, and the ratio to lightly's loop for the same method.
 
     pip install 'selfsight[bench]'     # lightly
-    python benchmarks/throughput_vs_lightly.py --steps 30 [--methods simclr,mocov2,byol,simsiam,dino]
+    python benchmarks/throughput_vs_lightly.py --steps 30 [--methods simclr,mocov2,byol,simsiam,dino,mae]
 """
 from __future__ import annotations
 
@@ -103,6 +123,7 @@ class LightlyLoop:
     modules: list = field(default_factory=list)      # moved to the device before training
     after_backward: Callable | None = None           # (step, total steps), before the optimizer step
                                                      # (e.g. DINO's cancel_last_layer_gradients)
+    optimizer: Callable | None = None                # (params, batch) -> optimizer; None = the shared SGD
 
 
 def resnet18_backbone(**kw):
@@ -229,9 +250,46 @@ def lightly_dino(args) -> LightlyLoop:
     return LightlyLoop(transform, list(student.parameters()), step, [student, teacher, crit], after_backward)
 
 
+def lightly_mae(args) -> LightlyLoop:
+    import timm
+    import torch
+    import torch.nn.functional as F
+    from lightly.models import utils
+    from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+    from lightly.transforms import MAETransform
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                            patch_size=MAE_PATCH, depth=MAE_DEPTH)
+    encoder = MaskedVisionTransformerTIMM(vit=vit)               # fixed sin-cos positions by default
+    decoder = MaskedVisionTransformerDecoderTIMM(num_patches=vit.patch_embed.num_patches, embed_dim=MAE_DEC_DIM,
+                                                 depth=MAE_DEC_DEPTH, num_heads=MAE_DEC_HEADS)
+    embed = torch.nn.Linear(vit.embed_dim, MAE_DEC_DIM)
+    pred = torch.nn.Linear(MAE_DEC_DIM, MAE_PATCH ** 2 * 3)
+    model = torch.nn.ModuleList([encoder, decoder, embed, pred])
+    seq = encoder.sequence_length                                # 1 + 64
+
+    def step(views, i, n):
+        images = views[0]
+        b = images.shape[0]
+        idx_keep, idx_mask = utils.random_token_mask((b, seq), mask_ratio=MAE_RATIO, device=images.device)
+        x = embed(encoder.encode(images, idx_keep=idx_keep))      # B×(1+16)×d
+        full = utils.set_at_index(utils.repeat_token(decoder.mask_token, (b, seq)), idx_keep, x.float())
+        p = pred(utils.get_at_index(decoder(full), idx_mask))     # B×48×(p·p·3), masked tokens only
+        target = utils.get_at_index(utils.patchify(images, MAE_PATCH), idx_mask - 1)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        return F.mse_loss(p.float(), target)
+
+    def optimizer(params, batch):
+        return torch.optim.AdamW(params, lr=1.5e-4 * batch / 256, betas=(0.9, 0.95), weight_decay=0.05)
+    return LightlyLoop(MAETransform(input_size=32), list(model.parameters()), step, [model], optimizer=optimizer)
+
+
 BYOL_HIDDEN, BYOL_DIM, BYOL_MOMENTUM = 1024, 256, 0.99
 DINO_HIDDEN, DINO_BOTTLENECK, DINO_K, DINO_LOCAL, DINO_LOCAL_SIZE = 512, 64, 2048, 6, 16
 SIMSIAM_DIM, SIMSIAM_PRED_HIDDEN = 512, 128
+MAE_DEPTH, MAE_PATCH, MAE_RATIO, MAE_DEC_DIM, MAE_DEC_DEPTH, MAE_DEC_HEADS = 6, 4, 0.75, 128, 2, 4
+# the joint-embedding rows' model and optimizer on the selfsight side (lightly's loop: resnet18_backbone, SGD)
+RESNET_SGD = ["backbone.name=resnet18", "backbone.small_stem=none", "optim.name=sgd", "optim.lr=0.06",
+              "optim.momentum=0.9", "optim.base_batch=128", "optim.weight_decay=5e-4"]
 
 
 @dataclass
@@ -241,6 +299,8 @@ class Bench:
     lightly: Callable[[argparse.Namespace], LightlyLoop]
     # selfsight rows: row-name suffix -> extra overrides ({workers} is filled from --workers)
     selfsight_rows: dict[str, list[str]] = field(default_factory=lambda: {"": []})
+    base: list[str] = field(default_factory=lambda: list(RESNET_SGD))    # model and optimizer overrides
+    model: str = "resnet18"
 
 
 BENCHES = {
@@ -264,6 +324,13 @@ BENCHES = {
                            "method.momentum=0.996", f"views.local_crops={DINO_LOCAL}",
                            f"views.local_size={DINO_LOCAL_SIZE}", "optim.clip_grad=0", "optim.weight_decay_end=-1"],
                   lightly_dino),
+    "mae": Bench("MAE", ["method.name=mae", f"method.mask.ratio={MAE_RATIO}", f"method.head.decoder_dim={MAE_DEC_DIM}",
+                         f"method.head.decoder_depth={MAE_DEC_DEPTH}", f"method.head.decoder_heads={MAE_DEC_HEADS}"],
+                 lightly_mae,
+                 base=["backbone.name=vit_tiny", f"backbone.depth={MAE_DEPTH}", f"backbone.patch_size={MAE_PATCH}",
+                       "backbone.pos_embed=sincos", "optim.name=adamw", "optim.lr=1.5e-4", "optim.base_batch=256",
+                       "optim.betas=[0.9,0.95]", "optim.weight_decay=0.05"],
+                 model=f"ViT {MAE_DEPTH}x192 patch {MAE_PATCH}"),
 }
 
 CONFIGS = {}    # row name -> (method, "selfsight" | "lightly", extra selfsight overrides)
@@ -278,10 +345,8 @@ for _key, _b in BENCHES.items():
 def run_selfsight(args, method: str, extra: list[str]) -> dict:
     from selfsight.config import load_config
     from selfsight.engine.trainer import Trainer
-    over = BENCHES[method].overrides + [
-            "views.size=32", "views.blur_p=0", "backbone.name=resnet18", "backbone.small_stem=none",
-            "optim.name=sgd", "optim.lr=0.06", "optim.momentum=0.9",
-            "optim.base_batch=128", "optim.weight_decay=5e-4", f"data.batch_size={args.batch}",
+    over = BENCHES[method].base + BENCHES[method].overrides + [
+            "views.size=32", "views.blur_p=0", f"data.batch_size={args.batch}",
             f"train.steps={args.warmup + args.steps}", "train.progress=false", "train.tensorboard=false",
             "train.checkpoint_every=0", f"train.log_every={args.warmup + args.steps}", f"train.precision={args.precision}"]
     cfg = load_config(overrides=over + [e.format(workers=args.workers) for e in extra])
@@ -320,7 +385,8 @@ def run_lightly(args, method: str) -> dict:
                                          num_workers=args.workers, persistent_workers=args.workers > 0)
     for m in loop.modules:
         m.to(device)
-    opt = torch.optim.SGD(loop.params, lr=0.06 * args.batch / 128, momentum=0.9, weight_decay=5e-4)
+    opt = loop.optimizer(loop.params, args.batch) if loop.optimizer is not None else \
+        torch.optim.SGD(loop.params, lr=0.06 * args.batch / 128, momentum=0.9, weight_decay=5e-4)
     amp = args.precision != "fp32"
     total = args.warmup + args.steps
     it = iter(loader)
@@ -379,7 +445,8 @@ def main() -> None:
             continue
         rows[name] = json.loads(line[-1][len(ROW):])
         print(f"{name}: {rows[name]}", flush=True)
-    print(f"\nresnet18, batch {args.batch}, Fashion-MNIST RGB 32 px, precision {args.precision}, "
+    models = sorted({BENCHES[m].model for m in methods})
+    print(f"\n{' / '.join(models)}, batch {args.batch}, Fashion-MNIST RGB 32 px, precision {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     print("| run | images/s | data wait | peak memory (MB) | vs lightly |\n|---|---|---|---|---|")
     for name, r in rows.items():

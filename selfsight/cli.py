@@ -1,5 +1,5 @@
 """``selfsight <verb>``: pretrain, tokenizer train, eval knn|linear|finetune|health, pictures, report,
-compare, demo, methods, export, embed, neighbors, --version.
+compare, demo, methods, export, embed, neighbors, shards make, --version.
 
 Errors are one line on stderr and exit code 2 (set SELFSIGHT_DEBUG=1 for the traceback).
 Multi-process: ``torchrun --nproc_per_node N -m selfsight pretrain ...`` (see docs/distributed.md).
@@ -218,6 +218,16 @@ def cmd_neighbors(args) -> int:
     return 0
 
 
+def cmd_shards_make(args) -> int:
+    from selfsight.data import build_dataset
+    from selfsight.data.shards import write_shards
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+    result = write_shards(build_dataset(args.src, args.data_root), args.out, args.shard_size)
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_methods(args) -> int:
     from selfsight.backbones import BACKBONES
     from selfsight.config import recipes_dir
@@ -421,6 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exact search in torch, or faiss (auto: faiss for large collections when installed)")
     nb.add_argument("--json", action="store_true", help="print one JSON list")
     nb.set_defaults(func=cmd_neighbors)
+
+    sh = sub.add_parser("shards", help="WebDataset-style tar shards (docs/data.md)")
+    shsub = sh.add_subparsers(dest="action", required=True)
+    shm = shsub.add_parser("make", help="write OUT/shard-000000.tar, ... and OUT/shards.json from a folder or built-in set")
+    shm.add_argument("src", help="a folder of images or a built-in set (fashion-mnist, cifar10, ...)")
+    shm.add_argument("out", help="folder for the shards")
+    shm.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
+    shm.add_argument("--data-root", default="", help="where built-in sets live ($SELFSIGHT_DATA)")
+    shm.set_defaults(func=cmd_shards_make)
 
     m = sub.add_parser("methods", help="list methods, backbones and bundled recipes")
     m.set_defaults(func=cmd_methods)

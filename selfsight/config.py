@@ -24,12 +24,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    train: str = "fashion-mnist"       # built-in name ("fashion-mnist", "cifar10", ...) or a folder
+    train: str = "fashion-mnist"       # built-in name ("fashion-mnist", "cifar10", ...), a folder or tar shards
     root: str = ""                     # where built-in sets live/download; "" = $SELFSIGHT_DATA or ~/.cache/selfsight/data
     batch_size: int = 256              # GLOBAL batch (all processes together)
     workers: int = -1                  # DataLoader workers per process; -1 = auto
-    device_augment: str = "auto"       # batched augmentation on the training device: auto|on|off
+    device_augment: str = "auto"       # auto|on: arrays batched on the device, folders/shards hybrid; off: per sample
     download: bool = True              # built-in sets missing locally are downloaded by torchvision
+    cache: Any = False                 # folders: pre-decoded uint8 memmap cache: false | true | auto (docs/data.md)
+    cache_size: int = 0                # px of the cached squares; 0 = the view size (smaller images: their own)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class BackboneConfig:
     rel_pos_bias: bool = False         # ViTs: BEiT's shared relative position bias (dense input at the build size)
     sync_bn: bool = True               # SyncBatchNorm under DDP (SimCLR's global BN)
     channels_last: bool = True         # ConvNets
+    grad_checkpointing: bool = False   # recompute activations in backward (timm ViT blocks, ResNet stages)
 
 
 @dataclass
@@ -104,6 +107,8 @@ class TrainConfig:
     log_every: int = 20                # steps between metric logs
     nonfinite_limit: int = 10          # non-finite loss/grad steps: skipped and counted; stop at this many in a row
     threads: int = 0                   # torch CPU threads per process; 0 = torch default
+    compile: bool = False              # torch.compile the backbones (falls back to eager with a warning)
+    fsdp: bool = False                 # shard parameters, gradients and optimizer state over the processes (FSDP2)
     progress: bool = True
     tensorboard: bool = True
 

@@ -28,7 +28,7 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
 }
 AT_LEAST = {       # key: smallest valid value
-    "data.batch_size": 1, "data.workers": -1, "views.size": 0, "views.n_views": 1, "views.jitter_strength": 0,
+    "data.batch_size": 1, "data.workers": -1, "data.cache_size": 0, "views.size": 0, "views.n_views": 1, "views.jitter_strength": 0,
     "views.local_crops": 0, "views.local_size": 0, "backbone.width": 1, "backbone.in_chans": 0,
     "backbone.patch_size": 1, "backbone.img_size": 0, "backbone.depth": 0, "backbone.layer_scale": 0,
     "optim.lr": 0, "optim.base_batch": 1, "optim.min_lr": 0, "optim.warmup_epochs": 0, "optim.weight_decay": 0,
@@ -134,6 +134,8 @@ def validate_config(cfg) -> None:
                 _fail(key, "must be > 0", value)
             if key == "optim.weight_decay_end" and value < 0 and value != -1:
                 _fail(key, "must be >= 0 or -1 (constant weight decay)", value)
+            if key == "data.cache" and not (isinstance(value, bool) or value == "auto"):
+                _fail(key, "must be true, false or auto", value)
             if key.endswith("crop_scale"):
                 _check_scale(key, value)
             if key in UNIT_LISTS and not all(_number(v) and 0 <= v <= 1 for v in value):

@@ -9,6 +9,17 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+THREADS = min(2, os.cpu_count() or 1)
+
+
+@pytest.fixture(autouse=True)
+def _same_threads():
+    """Every test starts with the same torch thread count, whatever an earlier test or library set:
+    the learning tests' numbers depend on it (float sums in another order)."""
+    torch.set_num_threads(THREADS)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFSIGHT_CACHE", str(tmp_path / "selfsight-cache"))
@@ -83,8 +94,17 @@ def run_on_gloo(fn, tmp_path, *args, world: int = 2):
     """Run ``fn(rank, *args)`` in ``world`` processes joined on gloo; returns what rank 0 returned
     (``fn`` must be a module-level function; every rank must make the same collective calls)."""
     import torch.multiprocessing as mp
-    mp.spawn(_gloo_entry, args=(world, str(tmp_path / "gloo-init"), str(tmp_path / "rank0.pt"), fn, args),
-             nprocs=world, join=True)
+    for attempt in range(2):
+        try:
+            mp.spawn(_gloo_entry, args=(world, str(tmp_path / f"gloo-init-{attempt}"), str(tmp_path / "rank0.pt"),
+                                        fn, args), nprocs=world, join=True)
+            break
+        except mp.ProcessExitedException as e:
+            # gloo's TCP transport sometimes aborts a worker from C++ ("terminate called without an
+            # active exception", SIGABRT, no Python error) on a loaded 2-core machine (also seen in
+            # tests/faults/test_fault_distributed.py): one fresh try; a real bug fails it again
+            if e.signal_name != "SIGABRT" or attempt:
+                raise
     return torch.load(tmp_path / "rank0.pt", weights_only=True)
 
 

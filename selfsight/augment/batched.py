@@ -129,11 +129,18 @@ class BatchedViews:
         return torch.rand(*shape, generator=self.generator).to(device)
 
     def one_view(self, images: torch.Tensor, recipe: ViewRecipe | None = None) -> torch.Tensor:
-        r, dev = recipe or self.recipe, images.device
+        r = recipe or self.recipe
         b, c, h, w = images.shape
-        x = images.float() / 255.0
-        boxes = sample_crop_boxes(b, h, w, r.crop_scale, r.crop_ratio, self.generator).to(dev)
-        x = resized_crop(x, boxes, r.size)
+        boxes = sample_crop_boxes(b, h, w, r.crop_scale, r.crop_ratio, self.generator).to(images.device)
+        return self.finish(resized_crop(images.float() / 255.0, boxes, r.size), r)
+
+    def finish(self, x: torch.Tensor, recipe: ViewRecipe | None = None) -> torch.Tensor:
+        """Everything after the crop: flip, colour (``color``), normalize. ``x``: B×C×S×S crops,
+        uint8 (the hybrid path's worker crops) or float in [0, 1]."""
+        r, dev = recipe or self.recipe, x.device
+        b, c = x.shape[:2]
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
         flip = (self._rand(b, device=dev) < r.flip_p).view(b, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
         x = self.color(x, r)

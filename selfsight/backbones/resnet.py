@@ -6,6 +6,7 @@ import torch.nn as nn
 import torchvision
 
 from selfsight.backbones.base import Features
+from selfsight.nn.checkpointing import checkpointed
 
 STEMS = ("none", "cifar", "s2")
 
@@ -57,11 +58,12 @@ class ResNetBackbone(nn.Module):
     uses a 3x3 s1 conv and no max-pool (SimCLR CIFAR, methods.md §0.1); ``s2`` a 3x3 s2
     conv and no max-pool (for 28-32 px images: 4x cheaper than ``cifar``, 4x the
     resolution of the ImageNet stem). The torchvision module is kept as ``self.net`` so
-    its state dict maps one to one onto ``torchvision.models.resnetXX()``.
+    its state dict maps one to one onto ``torchvision.models.resnetXX()``. ``grad_checkpointing``:
+    each of the four stages keeps only its input for backward (``nn.checkpointing``).
     """
 
     def __init__(self, name: str = "resnet18", in_chans: int = 3, small_stem: str = "none",
-                 zero_init_residual: bool = False, width: int = 64):
+                 zero_init_residual: bool = False, width: int = 64, grad_checkpointing: bool = False):
         super().__init__()
         if small_stem not in STEMS:
             raise ValueError(f"small_stem must be one of {STEMS}, got {small_stem!r}")
@@ -77,13 +79,16 @@ class ResNetBackbone(nn.Module):
         net.fc = nn.Identity()
         self.net = net
         self.name = name
+        self.grad_checkpointing = grad_checkpointing
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Features:
         if mask is not None:
             raise ValueError("ResNet backbones do not take a patch mask (only ViT backbones do)")
         n = self.net
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))          # B×D×h×w
+        for stage in (n.layer1, n.layer2, n.layer3, n.layer4):
+            x = checkpointed(stage, stage, x) if self.grad_checkpointing else stage(x)
+        # x: B×D×h×w
         return Features(x.mean((2, 3)), x.flatten(2).transpose(1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from selfsight.backbones.base import Features
-from selfsight.nn.attention import attention_kernels
+from selfsight.nn.attention import attention_kernels, use_sdpa
+from selfsight.nn.checkpointing import checkpointed
 from selfsight.nn.pos_embed import sincos_2d
 
 SIZES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
@@ -34,7 +35,7 @@ SIZES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224
 class ViTBackbone(nn.Module):
     def __init__(self, name: str = "vit_small", img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  drop_path: float = 0.0, mask_mode: str = "none", pos_embed: str = "learned", depth: int = 0,
-                 layer_scale: float = 0.0, rel_pos_bias: bool = False):
+                 layer_scale: float = 0.0, rel_pos_bias: bool = False, grad_checkpointing: bool = False):
         super().__init__()
         if pos_embed not in ("learned", "sincos", "none"):
             raise ValueError(f"backbone.pos_embed must be learned, sincos or none, got {pos_embed!r}")
@@ -63,6 +64,8 @@ class ViTBackbone(nn.Module):
                                            prefix_tokens=self.net.num_prefix_tokens)
             nn.init.zeros_(self.rel_pos_bias.relative_position_bias_table)
         self.enable_masking(mask_mode)
+        self.net.set_grad_checkpointing(grad_checkpointing)     # honoured block by block in forward_features
+        use_sdpa(self.net)
 
     def enable_masking(self, mode: str) -> None:
         """``token``: masked patches become a learned mask token (trunc-normal 0.02, BEiT);
@@ -113,13 +116,17 @@ class ViTBackbone(nn.Module):
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Features:
         n = self.net
         x = self._embed(x, mask)
-        with attention_kernels(x):
-            bias = self._attn_bias(x)
-            if bias is None:
-                x = n.blocks(x)
-            else:
-                for blk in n.blocks:
-                    x = blk(x, attn_mask=bias)
+        bias = self._attn_bias(x)
+        if n.grad_checkpointing and torch.is_grad_enabled():
+            for blk in n.blocks:        # each block recomputed in backward, under the same kernel choice
+                x = checkpointed(blk, _block, blk, x, bias)
+        else:
+            with attention_kernels(x):
+                if bias is None:
+                    x = n.blocks(x)
+                else:
+                    for blk in n.blocks:
+                        x = blk(x, attn_mask=bias)
         x = n.norm(x)
         return Features(x[:, 0], x[:, n.num_prefix_tokens:])
 
@@ -143,3 +150,9 @@ class ViTBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).cls
+
+
+def _block(blk: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One transformer block with its attention-kernel choice (also when recomputed in backward)."""
+    with attention_kernels(x):
+        return blk(x) if bias is None else blk(x, attn_mask=bias)

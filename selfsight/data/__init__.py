@@ -10,7 +10,7 @@ BUILTIN = sorted(SPLITS)
 
 
 def build_dataset(spec: str, root: str = "", download: bool = True):
-    """``"fashion-mnist"``, ``"cifar10:test"``, ``"stl10:unlabeled"`` or a folder path.
+    """``"fashion-mnist"``, ``"cifar10:test"``, ``"stl10:unlabeled"``, a folder path, or tar shards.
 
     A built-in name without a split means its training split. Folders may be labeled
     (``root/<class>/...``) or not; see docs/data.md.
@@ -23,6 +23,9 @@ def build_dataset(spec: str, root: str = "", download: bool = True):
         if name == "fashion-mnist":
             return fashion_mnist(split, root, download)
         return torchvision_set(name, split, root, download)
+    from selfsight.data.shards import ShardDataset, is_shard_spec
+    if is_shard_spec(spec):                 # tar shards: "dir/shard-{000000..000099}.tar", a glob or a folder
+        return ShardDataset(spec)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data {spec!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing folder")

@@ -128,10 +128,7 @@ class ImageFolder(Dataset):
                 path = os.path.join(self.root, self._path(i))
                 tries += 1
                 try:
-                    # a link that left the root after indexing (a reused cache, a changed link) is not read
-                    if not self.follow_symlinks and not _inside(os.path.realpath(path), self._real_root):
-                        raise BrokenImageError(path, "resolves outside the data root (follow_symlinks=False)")
-                    image = load_image(path)
+                    image = self.read(i)
                 except (BrokenImageError, OSError) as e:
                     self._bad.add(i)
                     why = e.reason if isinstance(e, BrokenImageError) else f"{type(e).__name__}: {e}"
@@ -148,6 +145,14 @@ class ImageFolder(Dataset):
             f"no readable image found in {tries} tries starting at index {index} of "
             f"{self.root} ({len(self._bad)} unreadable files known so far)"
         )
+
+    def read(self, i: int):
+        """Decode image ``i`` (RGB PIL image); raises BrokenImageError or OSError, no skipping."""
+        path = os.path.join(self.root, self._path(i))
+        # a link that left the root after indexing (a reused cache, a changed link) is not read
+        if not self.follow_symlinks and not _inside(os.path.realpath(path), self._real_root):
+            raise BrokenImageError(path, "resolves outside the data root (follow_symlinks=False)")
+        return load_image(path)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -1,6 +1,7 @@
 """Robust image decoding: any common file -> 8-bit RGB PIL image, or BrokenImageError."""
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -8,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "MAX_PIXELS", "BrokenImageError", "is_image_file", "load_image", "to_rgb",
+    "IMAGE_EXTENSIONS", "MAX_PIXELS", "BrokenImageError", "decode_image", "is_image_file", "load_image", "to_rgb",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -53,23 +54,34 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise BrokenImageError(path, "zero-byte file")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(f)
-                _check_pixels(path, img.size)
-                img.load()
-                return to_rgb(img)
-        except BrokenImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BrokenImageError(path, f"decompression bomb: {e}") from e
-        except Image.UnidentifiedImageError as e:
-            raise BrokenImageError(path, "not an image (unrecognised content)") from e
-        except MemoryError:
-            raise
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-            raise BrokenImageError(path, f"cannot decode: {type(e).__name__}: {e}") from e
+        return _decode(f, path)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """``load_image`` for bytes already in memory (a tar member); ``name`` names it in errors."""
+    if not data:
+        raise BrokenImageError(name, "zero-byte file")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(f, path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(f)
+            _check_pixels(path, img.size)
+            img.load()
+            return to_rgb(img)
+    except BrokenImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BrokenImageError(path, f"decompression bomb: {e}") from e
+    except Image.UnidentifiedImageError as e:
+        raise BrokenImageError(path, "not an image (unrecognised content)") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        raise BrokenImageError(path, f"cannot decode: {type(e).__name__}: {e}") from e
 
 
 def _check_pixels(path: str | os.PathLike, size: tuple[int, int]) -> None:

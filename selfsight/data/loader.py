@@ -4,20 +4,37 @@ Epoch ``e`` visits a permutation drawn from ``seed + e``; global step ``i`` take
 ``[i·G, (i+1)·G)`` (G = global batch) and rank ``r`` its ``r``-th chunk, so 2 processes see
 exactly the global batch of 1 process, and a resumed run can start mid-epoch exactly.
 In-memory arrays are indexed in the main process and augmented as a batch on the training
-device (``BatchedViews``); folders are decoded and augmented per sample in DataLoader workers.
+device (``BatchedViews``). Folders and tar shards take the hybrid path: DataLoader workers decode
+and crop (``WorkerCrops``, uint8, seeded per sample), the training device does the rest
+(``BatchedViews.finish``). ``data.device_augment=off``: the whole recipe per sample in workers.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
+import torchvision.transforms.v2.functional as TF
+
 from selfsight.augment import BatchedViews, ViewRecipe, build_per_sample_views
+from selfsight.augment.crops import WorkerCrops, sample_seed
 from selfsight.data.arrays import ArrayDataset
+from selfsight.data.shards import ShardDataset
 from selfsight.faults import maybe_crash
 from selfsight.masking.views import batch_seed
+
+
+def default_workers(device: torch.device, world: int = 1) -> int:
+    """DataLoader workers per process for decoded sources (``data.workers=-1``): on a GPU every core
+    but one of this process's share of the machine (decoding must keep up with the accelerator),
+    at most 16; on a CPU-only run 2, beside the training threads."""
+    if device.type == "cpu":
+        return 2
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return max(2, min(16, (os.cpu_count() or 2) // max(1, local) - 1))
 
 
 def epoch_indices(n: int, epoch: int, seed: int) -> torch.Tensor:
@@ -28,10 +45,12 @@ def epoch_indices(n: int, epoch: int, seed: int) -> torch.Tensor:
 class _BatchSampler:
     """Yields this rank's index lists for one epoch, from ``start`` (a step within the epoch)."""
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, epoch: int, seed: int, start: int = 0):
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, epoch: int, seed: int, start: int = 0,
+                 keyed: bool = False):
         self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
         self.epoch, self.seed, self.start = epoch, seed, start
         self.local = global_batch // world
+        self.keyed = keyed              # yield (index, epoch) keys (the hybrid path seeds crops with them)
 
     def __len__(self) -> int:
         return self.n // self.gb - self.start
@@ -40,7 +59,8 @@ class _BatchSampler:
         perm = epoch_indices(self.n, self.epoch, self.seed)
         for i in range(self.start, self.n // self.gb):
             chunk = perm[i * self.gb:(i + 1) * self.gb]
-            yield chunk[self.rank * self.local:(self.rank + 1) * self.local].tolist()
+            idx = chunk[self.rank * self.local:(self.rank + 1) * self.local].tolist()
+            yield [(i, self.epoch) for i in idx] if self.keyed else idx
 
 
 class _PerSample(torch.utils.data.Dataset):
@@ -55,6 +75,58 @@ class _PerSample(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         item = self.dataset[i]
         return {**item, "image": self.transform(item["image"])}
+
+
+class _Cropped(torch.utils.data.Dataset):
+    """The hybrid path's worker half for a map-style source: item ``(i, epoch)`` -> uint8 crops of
+    image ``i`` seeded with (seed, epoch, i)."""
+
+    def __init__(self, dataset, crops: WorkerCrops, seed: int):
+        self.dataset, self.crops, self.seed = dataset, crops, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        i, epoch = key
+        item = self.dataset[i]
+        image = item["image"]
+        if isinstance(image, torch.Tensor):
+            image = TF.to_pil_image(image)
+        return {**item, "image": self.crops(image, sample_seed(self.seed, epoch, i))}
+
+
+class _IgnoreSeed:
+    """A per-sample transform in the shards' ``transform(image, seed)`` slot (``device_augment=off``)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, seed: int):
+        return self.transform(image)
+
+
+class _Regroup:
+    """Batches of exactly ``size`` from the per-worker batches of a stream (full ones, then remainders)."""
+
+    def __init__(self, size: int):
+        self.size, self.parts, self.skipped = size, [], 0
+
+    def push(self, raw: dict) -> Iterator[dict]:
+        self.skipped += raw["skipped"]
+        if raw["image"] is not None:
+            self.parts.append(raw)
+        while sum(len(p["label"]) for p in self.parts) >= self.size:
+            if len(self.parts) == 1 and len(self.parts[0]["label"]) == self.size:
+                out, self.parts = self.parts[0], []
+            else:
+                views = [torch.cat(v) for v in zip(*(p["image"] for p in self.parts))]
+                label = torch.cat([p["label"] for p in self.parts])
+                out = {"image": [v[:self.size] for v in views], "label": label[:self.size]}
+                rest = {"image": [v[self.size:] for v in views], "label": label[self.size:]}
+                self.parts = [rest] if len(rest["label"]) else []
+            yield {"views": out["image"], "label": out["label"], "skipped": self.skipped}
+            self.skipped = 0
 
 
 def _stack_views(items: list[dict]) -> dict:
@@ -81,31 +153,71 @@ class ViewLoader:
         self.dataset, self.recipe, self.device = dataset, recipe, device
         self.global_batch, self.rank, self.world, self.seed = global_batch, rank, world, seed
         self.steps_per_epoch = len(dataset) // global_batch
-        self.batched = isinstance(dataset, ArrayDataset) and device_augment != "off"
-        if device_augment == "on" and not self.batched:
-            raise ValueError("data.device_augment=on needs an in-memory data set (built-in sets); folders "
-                             "are augmented per sample in workers")
+        # batched: in-memory arrays, the whole recipe on the device; hybrid: folders and shards,
+        # decode + crop in workers, the rest on the device; per_sample: everything in workers (off)
+        # (auto on a CPU-only run: a folder stays per sample, in workers beside the training process;
+        # the hybrid path would move the colour work onto the cores that train)
+        self.mode = "per_sample" if device_augment == "off" else \
+            "batched" if isinstance(dataset, ArrayDataset) else \
+            "hybrid" if device_augment == "on" or device.type != "cpu" else "per_sample"
+        self.batched = self.mode == "batched"
+        self.streaming = isinstance(dataset, ShardDataset)
         self.generator = torch.Generator().manual_seed(seed * 7919 + rank)
         self.views = BatchedViews(recipe, self.generator)
-        if not self.batched:
-            per_sample = build_per_sample_views(recipe, channels=getattr(dataset, "channels", 3))
-            if isinstance(dataset, ArrayDataset):
+        self.view_recipes = [recipe.for_view(i) for i in range(recipe.total_views)]
+        channels = getattr(dataset, "channels", 3)
+        if self.mode == "hybrid":
+            crops = WorkerCrops(recipe, channels)
+            if self.streaming:
+                dataset.configure(seed, rank, world, global_batch // world, crops)
+            else:
+                if hasattr(dataset, "transform"):
+                    dataset.transform = None
+                self.dataset = _Cropped(dataset, crops, seed)
+        elif self.mode == "per_sample":
+            per_sample = build_per_sample_views(recipe, channels=channels)
+            if self.streaming:
+                dataset.configure(seed, rank, world, global_batch // world, _IgnoreSeed(per_sample))
+            elif isinstance(dataset, ArrayDataset):
                 self.dataset = _PerSample(dataset, per_sample)
             else:
                 dataset.transform = per_sample
-        self.workers = (0 if self.batched else 2) if workers < 0 else workers
+        self.workers = (0 if self.batched else default_workers(device, world)) if workers < 0 else workers
+        self._loader = self._sampler = None       # map-style worker path: one DataLoader, workers kept
         self.wait = 0.0
         self.augment_time = 0.0
         self.masker = None            # MIM: callable (views, seed) -> per-view masks, set by the trainer
 
+    def _stream(self, epoch: int, start: int) -> Iterator[dict]:
+        """This rank's ``steps_per_epoch`` batches of a shard stream; the first ``start`` are read and
+        dropped (a mid-epoch resume re-reads them). A rank whose shards run out early reads them again."""
+        regroup, produced, pass_ = _Regroup(self.global_batch // self.world), 0, 0
+        while produced < self.steps_per_epoch:
+            self.dataset.set_epoch(epoch, pass_)
+            before = produced
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                pin_memory=self.device.type == "cuda")
+            for raw in loader:
+                for batch in regroup.push(raw):
+                    produced += 1
+                    if produced > start:
+                        yield batch
+                    if produced == self.steps_per_epoch:
+                        return
+            if produced == before and pass_ > 0:
+                raise RuntimeError(f"the shards {self.dataset.spec} hold no readable image for rank {self.rank}")
+            pass_ += 1
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
-        sampler = _BatchSampler(len(self.dataset), self.global_batch, self.rank, self.world, epoch, self.seed, start)
+        if self.streaming:
+            source = self._stream(epoch, start)
+        else:
+            sampler = _BatchSampler(len(self.dataset), self.global_batch, self.rank, self.world, epoch, self.seed,
+                                    start, keyed=self.mode == "hybrid")
         if self.batched:
             source = (self.dataset.__getitems__(idx) for idx in sampler)
-        else:
-            source = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
-                                     collate_fn=_stack_views, pin_memory=self.device.type == "cuda",
-                                     persistent_workers=False))
+        elif not self.streaming:
+            source = iter(self._worker_loader(sampler))
         step = start
         while True:
             t0 = time.perf_counter()
@@ -120,6 +232,11 @@ class ViewLoader:
                 batch = {"views": self.views(images), "label": raw["label"].to(self.device),
                          "skipped": raw["skipped"]}
                 self.augment_time += time.perf_counter() - t1
+            elif self.mode == "hybrid":            # uint8 worker crops -> flip, colour, normalize on the device
+                views = [self.views.finish(v.to(self.device, non_blocking=True), r)
+                         for v, r in zip(raw["views"], self.view_recipes)]
+                batch = {"views": views, "label": raw["label"].to(self.device), "skipped": raw["skipped"]}
+                self.augment_time += time.perf_counter() - t1
             else:
                 batch = {"views": [v.to(self.device, non_blocking=True) for v in raw["views"]],
                          "label": raw["label"].to(self.device), "skipped": raw["skipped"]}
@@ -130,6 +247,19 @@ class ViewLoader:
             maybe_crash(epoch * self.steps_per_epoch + step, self.rank)     # test hook (SELFSIGHT_TEST_CRASH)
             step += 1
             yield batch
+
+    def _worker_loader(self, sampler: _BatchSampler) -> DataLoader:
+        """One DataLoader for the whole run whose workers outlive the epoch (``persistent_workers``):
+        each epoch only swaps the batch sampler's epoch and start, which live in this process, so no
+        epoch pays the workers' start-up (forking, importing, re-opening files) again."""
+        if self._loader is None:
+            self._sampler = sampler
+            self._loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
+                                      collate_fn=_stack_views, pin_memory=self.device.type == "cuda",
+                                      persistent_workers=self.workers > 0)
+        else:
+            self._sampler.epoch, self._sampler.start = sampler.epoch, sampler.start
+        return self._loader
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -19,19 +19,23 @@ from selfsight.augment import resolve_recipe
 from selfsight.backbones import build_backbone, wrap
 from selfsight.config import RunConfig, save_config, to_dict
 from selfsight.data import build_dataset
+from selfsight.data.arraycache import maybe_cache
 from selfsight.data.loader import ViewLoader
 from selfsight.engine.monitor import collapse_warning, embedding_stats
 from selfsight.engine.checkpoint import (FORMAT_VERSION, atomic_save, check_compatible, load_model_state, rng_state,
                                          safe_load, set_rng_state)
-from selfsight.engine.optim import build_optimizer, clip_gradients, gradients_finite
+from selfsight.engine.compile import compile_model, uncompile_model
+from selfsight.engine.optim import build_optimizer, clip_gradients, gradients_finite, step_unless_nonfinite
 from selfsight.engine.schedules import cosine, scaled_lr
+from selfsight.engine.sharding import OPTIMIZER_FORMAT, full_state, gathered, load_full_state, shard_model
 from selfsight.eval.online_probe import build_online_probe
 from selfsight.methods import METHODS
-from selfsight.nn.distributed import all_ranks_true, any_rank_true, is_main, rank, world_size
+from selfsight.nn.distributed import all_ranks, any_rank_true, is_main, rank, world_size
 from selfsight.nn.sync_bn import convert_sync_batchnorm
 
 log = logging.getLogger("selfsight")
 CHECKPOINT = "checkpoint.pt"
+STOP_SYNC_EVERY = 10        # DDP: steps between the all_reduce that agrees on a time or signal stop
 
 
 class TrainingError(RuntimeError):
@@ -105,6 +109,8 @@ class Trainer:
         native = getattr(self.dataset, "image_size", 224)
         self.recipe = resolve_recipe(cfg.views, native, channels)
         self.channels = channels
+        if dataset is None:         # data.cache: a folder becomes a memory-mapped uint8 array (decoded once)
+            self.dataset = maybe_cache(self.dataset, cfg.data, self.recipe, channels, progress=t.progress)
         self.loader = ViewLoader(self.dataset, self.recipe, cfg.data.batch_size, self.device, self.rank, self.world,
                                  t.seed, cfg.data.workers, cfg.data.device_augment)
         self.model = build_method(cfg, channels, self.recipe.size, backbone).to(self.device)
@@ -116,11 +122,22 @@ class Trainer:
         self.amp_dtype = pick_precision(t.precision, self.device)
         if self.world > 1 and cfg.backbone.sync_bn:      # global BN before the optimizer sees the parameters
             self.model = convert_sync_batchnorm(self.model, self.device.type)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.fsdp = t.fsdp and self.world > 1
+        if t.fsdp and self.world == 1:
+            log.info("train.fsdp: one process, nothing to shard")
+        if self.fsdp:                 # before the optimizer: it must see the sharded parameters
+            shard_model(self.model, self.device, self.amp_dtype)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type, sharded=self.fsdp)
+        self.compiled: list[str] = []       # train.compile: the networks compiled (tried in the first step)
+        if t.compile:
+            try:
+                self.compiled = compile_model(self.model)
+            except Exception as e:          # e.g. torch.compile unsupported on this Python
+                self._compile_failed(e)
         # eval.online_probe: a linear classifier on detached features, outside the model and its optimizer
         self.probe = build_online_probe(cfg.eval, self.model, self.dataset, self.device, log)
         self.ddp = self.model
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             # buffers are not broadcast from rank 0 each step: a MoCo queue is identical on every rank
             # already (gathered keys) and per-process BN statistics are each process's own on purpose
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -132,8 +149,11 @@ class Trainer:
         self.total_steps = self._planned_steps()
         self.step = 0
         self.elapsed = 0.0            # training seconds over all sessions (for the minutes budget)
+        self._fixed_steps = bool(self._planned_steps())      # a step budget every rank knows in advance
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0      # non-finite steps skipped in this session
+        # the same three counted on the device (no host read per step), read at log and checkpoint steps
+        self._bad = {k: torch.zeros((), dtype=torch.long, device=self.device) for k in ("run", "worst", "total")}
         self._saved_step = None       # step of the last checkpoint written or resumed from
         self.collapse_warnings = 0
         self._stop_signal = None
@@ -173,10 +193,14 @@ class Trainer:
                 g["weight_decay"] = sched["weight_decay"]
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, full: tuple[dict, dict] | None = None) -> dict:
+        """The checkpoint. ``full``: the (model, optimizer) states of a sharded model, gathered by
+        ``sharding.full_state`` (the optimizer's keyed by parameter names)."""
         probe = {"online_probe": self.probe.state_dict_full()} if self.probe is not None else {}
-        return {**probe, "format_version": FORMAT_VERSION, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "step": self.step, "total_steps": self.total_steps,
+        model, optimizer = full if full is not None else (self.model.state_dict(), self.optimizer.state_dict())
+        fmt = {"optimizer_format": OPTIMIZER_FORMAT} if full is not None else {}
+        return {**probe, **fmt, "format_version": FORMAT_VERSION, "model": model,
+                "optimizer": optimizer, "step": self.step, "total_steps": self.total_steps,
                 "elapsed": self.elapsed, "rng": rng_state(), "loader": self.loader.state_dict(),
                 "config": to_dict(self.cfg),
                 "meta": {"method": self.cfg.method.name, "backbone": self.cfg.backbone.name,
@@ -190,9 +214,10 @@ class Trainer:
         if self.world > 1:          # each process's own RNG and loader streams, so a resumed DDP run continues exactly
             per_rank = [None] * self.world
             dist.all_gather_object(per_rank, {"rng": rng_state(), "loader": self.loader.state_dict()})
+        full = full_state(self.model, self.optimizer) if self.fsdp else None     # collective: every rank
         if is_main():
             try:
-                state = self.state()
+                state = self.state(full)
                 if per_rank is not None:
                     state["rank_states"] = per_rank
                 atomic_save(state, self.run_dir / CHECKPOINT)
@@ -209,9 +234,18 @@ class Trainer:
     def load(self, path: Path) -> None:
         ck = safe_load(path, map_location=self.device)
         check_compatible(ck, self.cfg.method.name, self.cfg.backbone.name, path)   # one line, not a key traceback
-        load_model_state(self.model, ck["model"], path)
+        by_name = ck.get("optimizer_format") == OPTIMIZER_FORMAT
+        if self.fsdp and not by_name:
+            raise TrainingError(f"{path} was written without train.fsdp: resume it with train.fsdp=false")
+        if self.fsdp:
+            load_full_state(self.model, self.optimizer, ck["model"], ck["optimizer"])
+        else:
+            load_model_state(self.model, ck["model"], path)
+            if by_name:                 # a sharded run resumed without sharding
+                load_full_state(self.model, self.optimizer, ck["model"], ck["optimizer"])
+            else:
+                self.optimizer.load_state_dict(ck["optimizer"])
         self._saved_step = ck["step"]
-        self.optimizer.load_state_dict(ck["optimizer"])
         self.step, self.total_steps, self.elapsed = ck["step"], ck["total_steps"], ck["elapsed"]
         if self.probe is not None and "online_probe" in ck:        # a checkpoint without one: a fresh probe
             self.probe.load_state_dict_full(ck["online_probe"])
@@ -271,11 +305,14 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps or None, initial=self.step, dynamic_ncols=True, unit="step")
         self.model.train()
-        window = {"loss": torch.zeros((), device=self.device), "n": 0, "t": time.perf_counter(),
-                  "wait": self.loader.wait, "aug": self.loader.augment_time, "skipped": 0, "nonfinite": 0}
+        window = {"loss": torch.zeros((), device=self.device),       # n: finite steps, counted on the device
+                  "n": torch.zeros((), dtype=torch.long, device=self.device), "steps": 0, "t": time.perf_counter(),
+                  "wait": self.loader.wait, "aug": self.loader.augment_time, "skipped": 0}
         try:
             self._loop(window, budget, bar, ck_path)
         finally:
+            if self.compiled:       # the model left behind (evaluation, export, pictures) runs eagerly
+                uncompile_model(self.model)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             if bar is not None:
@@ -307,41 +344,13 @@ class Trainer:
                     batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
                 sched = self.schedule(self.step)
                 self._apply_schedule(sched)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
-                    out = self.ddp(batch, sched)
-                loss = out["loss"]
-                if (self.step + 1) % t.log_every == 0 and is_main():
-                    window["monitor"] = embedding_stats(out["embedding"]) if "embedding" in out else {}
-                    window["monitor"].update({k: float(v) for k, v in out.get("monitor", {}).items()})
-                finite = all_ranks_true(torch.isfinite(loss.detach()))
-                self.optimizer.zero_grad(set_to_none=True)
-                if finite:
-                    loss.backward()
-                    # a finite loss can still give non-finite gradients (seen with CPU bf16 convolutions
-                    # on 1x1 maps): such a step would write NaN into the weights, so it is skipped too
-                    finite = all_ranks_true(gradients_finite(self.model.parameters()))
-                if not finite:
-                    self.nonfinite_in_row += 1
-                    self.nonfinite_total += 1
-                    window["nonfinite"] += 1
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.nonfinite_in_row >= t.nonfinite_limit:
-                        raise TrainingError(f"loss or gradients were not finite for {self.nonfinite_in_row} steps "
-                                            f"in a row (step {self.step}); last good checkpoint kept in {ck_path}")
+                if self.compiled and self.step == getattr(self, "_resumed_at", 0):
+                    self._first_compiled_step(batch, sched, window)
                 else:
-                    self.nonfinite_in_row = 0
-                    if cfg.optim.clip_grad > 0:
-                        clip_gradients(self.model.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
-                    if hasattr(self.model, "before_optimizer_step"):      # e.g. DINO's frozen last layer
-                        self.model.before_optimizer_step(sched)
-                    self.optimizer.step()
-                    if hasattr(self.model, "after_step"):
-                        self.model.after_step(sched)
-                    window["loss"] += loss.detach().float()
-                    window["n"] += 1
+                    self._step(batch, sched, window)
                 if self.probe is not None:      # after the step: no influence on this step's gradients
-                    self.probe.step(self.model.backbone, batch["views"][0], batch["label"], self.amp_dtype)
+                    with gathered(self.model):
+                        self.probe.step(self.model.backbone, batch["views"][0], batch["label"], self.amp_dtype)
                 window["skipped"] += batch["skipped"]
                 self.step += 1
                 self.elapsed = start_elapsed + time.perf_counter() - session_start
@@ -351,21 +360,22 @@ class Trainer:
                     self._t_step1, self._s_step1 = self.elapsed, self.step
                 if bar is not None:
                     bar.update(1)
-                # every rank must stop at the same step (clocks and signals differ between processes)
-                stop = any_rank_true(bool(self.total_steps and self.step >= self.total_steps)
-                                     or self.elapsed >= budget or self._stop_signal is not None)
+                stop = self._should_stop(budget)
                 # the online probe's epoch (or the last, partial one) goes in the row written at its end
                 probe_row = self.probe.epoch_stats() if self.probe is not None \
                     and (self.step % self.steps_per_epoch == 0 or stop) else None
-                if self.step % t.log_every == 0 or probe_row is not None:
+                log_now = self.step % t.log_every == 0 or probe_row is not None
+                save_now = t.checkpoint_every and self.step % t.checkpoint_every == 0 and not stop
+                if log_now or save_now or stop:
+                    self._read_counters(ck_path)
+                if log_now:
                     self._flush_window(window, sched, bar, probe_row)
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not stop \
-                        and not self.nonfinite_in_row:          # never checkpoint inside a non-finite streak
+                if save_now and not self.nonfinite_in_row:      # never checkpoint inside a non-finite streak
                     self.save()
                 if stop:
                     done = True
                     break
-        if window["n"]:
+        if window["steps"]:
             self._flush_window(window, self.schedule(self.step - 1), bar)
         self.save()
         if is_main() and hasattr(self.model, "write_artifacts"):     # e.g. a tokenizer's RUN/tokenizer.pt
@@ -373,16 +383,101 @@ class Trainer:
         if batch is not None:
             self.write_pictures(batch)
 
+    def _step(self, batch: dict, sched: dict, window: dict) -> None:
+        """One optimizer step without a host read (outside log steps): backward always, the
+        finiteness flag stays a device tensor (reduced over ranks on the device), a non-finite step
+        is skipped on the device (``step_unless_nonfinite``) and ``after_step`` gets the flag as
+        ``sched["finite"]`` so that no EMA takes NaN in; the counters accumulate on the device."""
+        cfg, t = self.cfg, self.cfg.train
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.ddp(batch, sched)
+        loss = out["loss"]
+        if (self.step + 1) % t.log_every == 0 and is_main():
+            window["monitor"] = embedding_stats(out["embedding"]) if "embedding" in out else {}
+            window["monitor"].update({k: float(v) for k, v in out.get("monitor", {}).items()})
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # a finite loss can still give non-finite gradients (seen with CPU bf16 convolutions on 1x1
+        # maps): such a step would write NaN into the weights, so it is skipped too
+        ok = all_ranks(torch.isfinite(loss.detach()) & gradients_finite(self.model.parameters()))
+        if cfg.optim.clip_grad > 0:
+            clip_gradients(self.model.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
+        if hasattr(self.model, "before_optimizer_step"):      # e.g. DINO's frozen last layer
+            self.model.before_optimizer_step(sched)
+        step_unless_nonfinite(self.optimizer, ok)
+        if hasattr(self.model, "after_step"):
+            self.model.after_step({**sched, "finite": ok})
+        window["loss"] += torch.where(ok, loss.detach().float(), 0.0)
+        window["n"] += ok
+        window["steps"] += 1
+        bad = self._bad
+        bad["run"].copy_(torch.where(ok, 0, bad["run"] + 1))
+        torch.maximum(bad["worst"], bad["run"], out=bad["worst"])
+        bad["total"] += ~ok
+
+    def _first_compiled_step(self, batch: dict, sched: dict, window: dict) -> None:
+        """The first step compiles (lazily). If compiling or that step fails (no C++ compiler, an
+        unsupported op, a dynamo error), the model's state and the RNG are put back as they were
+        before the step, the networks run eagerly and the step is run again: the run goes on."""
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}, rng_state()
+        try:
+            self._step(batch, sched, window)
+        except Exception as e:
+            uncompile_model(self.model)
+            self.model.load_state_dict(saved[0])
+            set_rng_state(saved[1])
+            self.optimizer.zero_grad(set_to_none=True)
+            self._compile_failed(e)
+            self._step(batch, sched, window)
+
+    def _compile_failed(self, error: Exception) -> None:
+        self.compiled = []
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        log.warning("train.compile failed (%s: %s); the run continues uncompiled (eager)", type(error).__name__, reason)
+
+    def _read_counters(self, ck_path: Path) -> None:
+        """The non-finite counters read on the host (log and checkpoint steps, the last step): a
+        streak of ``train.nonfinite_limit`` steps stops the run here, at most ``log_every - 1``
+        steps after it reached the limit."""
+        run, worst, total = torch.stack([self._bad["run"], self._bad["worst"], self._bad["total"]]).tolist()
+        self._bad["worst"].copy_(self._bad["run"])
+        self.nonfinite_in_row, self.nonfinite_total = run, total
+        if worst >= self.cfg.train.nonfinite_limit:
+            raise TrainingError(f"loss or gradients were not finite for {worst} steps in a row (step {self.step - 1});"
+                                f" last good checkpoint kept in {ck_path}")
+
+    def _should_stop(self, budget: float) -> bool:
+        """Every rank must stop at the same step. A step budget is the same everywhere; clocks and
+        signals differ between processes, so under DDP those stops are agreed (an all_reduce and a
+        host read) every ``STOP_SYNC_EVERY`` steps only: a time or signal stop may overshoot by
+        up to that many steps."""
+        steps_done = bool(self.total_steps and self.step >= self.total_steps)
+        local = self.elapsed >= budget or self._stop_signal is not None
+        if self.world == 1:
+            return steps_done or local
+        if self._fixed_steps:
+            if steps_done:
+                return True
+        else:                       # steps replanned from this rank's clock (time budget): agreed too
+            local = local or steps_done
+        return self.step % STOP_SYNC_EVERY == 0 and any_rank_true(local)
+
     def write_pictures(self, batch: dict) -> None:
         """The method's pictures of a batch (e.g. MIM masks and reconstructions) as
-        ``run_dir/pictures/NAME.png`` (main process; a failure is logged, the run is kept)."""
-        if not is_main() or not hasattr(self.model, "pictures"):
+        ``run_dir/pictures/NAME.png`` (main process; a failure is logged, the run is kept). A
+        sharded model computes them on every process (gathering parameters is collective)."""
+        if not hasattr(self.model, "pictures") or not (is_main() or self.fsdp):
             return
         try:
             import torchvision.utils as vutils
+            with gathered(self.model):
+                pictures = self.model.pictures(batch)
+            if not is_main():
+                return
             out = self.run_dir / "pictures"
             out.mkdir(parents=True, exist_ok=True)
-            for name, image in self.model.pictures(batch).items():
+            for name, image in pictures.items():
                 tmp = out / f".{name}.tmp.png"
                 vutils.save_image(image.float().cpu(), tmp)
                 os.replace(tmp, out / f"{name}.png")
@@ -407,15 +502,16 @@ class Trainer:
     def _flush_window(self, w: dict, sched: dict, bar, extra: dict | None = None) -> None:
         now = time.perf_counter()
         span = max(now - w["t"], 1e-9)
-        steps = max(w["n"] + w["nonfinite"], 1)
-        loss = (w["loss"] / max(w["n"], 1)).item()
+        steps = max(w["steps"], 1)
+        n_ok = int(w["n"])
+        loss = (w["loss"] / max(n_ok, 1)).item()
         wait = (self.loader.wait - w["wait"]) / span
         aug = (self.loader.augment_time - w["aug"]) / span
         ips = steps * self.cfg.data.batch_size / span
         row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss,
                "lr": sched["lr"], "weight_decay": sched["weight_decay"], "images_per_s": ips,
                "data_wait": wait, "augment_share": aug, "skipped_files": w["skipped"],
-               "nonfinite_steps": w["nonfinite"], "elapsed_min": self.elapsed / 60}
+               "nonfinite_steps": w["steps"] - n_ok, "elapsed_min": self.elapsed / 60}
         row.update({k: v for k, v in sched.items() if k not in row and k not in ("total_steps", "progress")})
         row.update(w.pop("monitor", {}))
         if extra:
@@ -432,8 +528,8 @@ class Trainer:
         if bar is not None:
             extra = {"collapse": "YES"} if warning else {}
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", wait=f"{100 * wait:.0f}%", **extra)
-        w.update(loss=torch.zeros((), device=self.device), n=0, t=now, wait=self.loader.wait,
-                 aug=self.loader.augment_time, skipped=0, nonfinite=0)
+        w.update(loss=torch.zeros((), device=self.device), n=torch.zeros((), dtype=torch.long, device=self.device),
+                 steps=0, t=now, wait=self.loader.wait, aug=self.loader.augment_time, skipped=0)
 
 
 def _in_main_thread() -> bool:

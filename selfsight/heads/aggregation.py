@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from selfsight.nn.attention import attention_kernels
+from selfsight.nn.attention import attention_kernels, use_sdpa
 
 
 class PatchAggregation(nn.Module):
@@ -47,6 +47,7 @@ class PatchAggregation(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, ref.attn.num_heads, mlp_ratio=ref.mlp.fc1.out_features / dim, qkv_bias=True,
                   init_values=init_values, norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth))
+        use_sdpa(self.blocks)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

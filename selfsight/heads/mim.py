@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from selfsight.nn.attention import attention_kernels
+from selfsight.nn.attention import attention_kernels, use_sdpa
 from selfsight.nn.pos_embed import sincos_2d
 
 HEADS = ("linear", "mlp", "decoder")
@@ -55,6 +55,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio=4.0, qkv_bias=True,
                                           norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth))
+        use_sdpa(self.blocks)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
         self.dim = dim

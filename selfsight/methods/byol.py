@@ -62,7 +62,7 @@ class BYOL(nn.Module):
     def after_step(self, sched: dict) -> None:
         """EMA of the target after the optimizer step (the update uses the new online weights)."""
         momentum_update([self.target_student, self.target_projector], [self.student, self.projector],
-                        sched.get("momentum", self.params.momentum))
+                        sched.get("momentum", self.params.momentum), sched.get("finite"))
 
     def training_step(self, batch: dict, sched: dict) -> dict:
         x1, x2 = batch["views"][:2]                                          # N×C×S×S each

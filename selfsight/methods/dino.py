@@ -101,7 +101,7 @@ class DINO(nn.Module):
 
     def after_step(self, sched: dict) -> None:
         momentum_update([self.teacher, self.teacher_head], [self.student, self.head],
-                        sched.get("momentum", self.params.momentum))
+                        sched.get("momentum", self.params.momentum), sched.get("finite"))
 
     def training_step(self, batch: dict, sched: dict) -> dict:
         views = batch["views"]                                                  # 2 global + n local

@@ -138,7 +138,7 @@ class IBOT(nn.Module):
 
     def after_step(self, sched: dict) -> None:
         momentum_update([self.teacher, self.teacher_head], [self.student, self.head],
-                        sched.get("momentum", self.params.momentum))
+                        sched.get("momentum", self.params.momentum), sched.get("finite"))
 
     def _masks(self, batch: dict, epoch: float) -> list[torch.Tensor]:
         """N_GLOBAL bool masks B×N (True = masked); all False for a crop not masked or before pred_start_epoch."""

@@ -168,7 +168,8 @@ class MIM(nn.Module):
 
     def after_step(self, sched: dict) -> None:
         if self.teacher is not None:
-            momentum_update(self.teacher, self.student, sched.get("momentum", self.params.target.momentum))
+            momentum_update(self.teacher, self.student, sched.get("momentum", self.params.target.momentum),
+                            sched.get("finite"))
 
     def _masks(self, batch: dict) -> list:
         masks = batch.get("masks")

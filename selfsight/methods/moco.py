@@ -69,6 +69,8 @@ class MoCo(nn.Module):
         self.key_head = momentum_copy(self.head)
         self.register_buffer("queue", F.normalize(torch.randn(params.queue_size, params.dim), dim=1))   # K×d
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._ptr: int | None = 0           # queue_ptr on the host, so the step reads nothing from the device
+        self.register_load_state_dict_post_hook(_forget_pointer)
 
     @property
     def backbone(self) -> nn.Module:
@@ -100,9 +102,15 @@ class MoCo(nn.Module):
         if size % n:
             raise ValueError(f"method.queue_size={size} must be a multiple of the keys enqueued per step ({n}: "
                              f"the global batch{' x2 (symmetric loss)' if self.params.symmetric else ''})")
-        ptr = int(self.queue_ptr)
-        self.queue[ptr:ptr + n] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % size)
+        if self._ptr is None:               # after a checkpoint was loaded: read its pointer once
+            self._ptr = int(self.queue_ptr)
+        ptr = self._ptr
+        # non-finite keys (a step the engine skips) leave the queue as it was, decided on the device;
+        # the pointer still moves on (the oldest keys stay one more round)
+        old = self.queue[ptr:ptr + n]
+        self.queue[ptr:ptr + n] = torch.where(torch.isfinite(keys).all(), keys.to(self.queue.dtype), old)
+        self._ptr = (ptr + n) % size
+        self.queue_ptr.fill_(self._ptr)
 
     def training_step(self, batch: dict, sched: dict) -> dict:
         x1, x2 = batch["views"][:2]                                         # N×C×S×S each
@@ -120,6 +128,10 @@ class MoCo(nn.Module):
 
     def forward(self, batch: dict, sched: dict) -> dict:
         return self.training_step(batch, sched)
+
+
+def _forget_pointer(module: "MoCo", incompatible_keys) -> None:
+    module._ptr = None                      # a loaded checkpoint brings its own queue_ptr
 
 
 _SGD = {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "base_batch": 256, "weight_decay": 1e-4,

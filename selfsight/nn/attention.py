@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CPU_MATH_MAX_TOKENS = 160
@@ -23,3 +24,13 @@ def attention_kernels(tokens: torch.Tensor):
     if tokens.device.type == "cpu" and tokens.shape[1] <= CPU_MATH_MAX_TOKENS:
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
+
+
+def use_sdpa(module: nn.Module) -> nn.Module:
+    """Every timm attention layer in ``module`` on ``F.scaled_dot_product_attention`` (timm's
+    ``fused_attn``), whatever ``TIMM_FUSED_ATTN`` says: the fused kernels on CUDA, the kernel
+    choice above on the CPU, and no B×heads×N×N matrix kept for backward. Returns ``module``."""
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    return module

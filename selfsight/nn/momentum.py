@@ -30,11 +30,15 @@ def _params(modules) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def momentum_update(target, online, m: float) -> None:
+def momentum_update(target, online, m: float, enabled: torch.Tensor | None = None) -> None:
     """EMA step over a module (or a list of modules) and its online twin(s), parameters zipped
-    in order (the two sides have the same structure)."""
+    in order (the two sides have the same structure). ``enabled``: a 0-d bool tensor (the
+    engine's ``sched["finite"]``); false leaves the target as it was, decided on the device."""
     t_params, o_params = _params(target), _params(online)
     if len(t_params) != len(o_params):
         raise ValueError(f"momentum encoder has {len(t_params)} parameters, online encoder {len(o_params)}")
+    weight = 1.0 - m
+    if enabled is not None and t_params:        # lerp weight 0 on a skipped step: t + 0·(o - t) = t
+        weight = enabled.to(device=t_params[0].device, dtype=t_params[0].dtype) * (1.0 - m)
     # lerp: t + (1 - m)(o - t) = m·t + (1 - m)·o, fused over all tensors
-    torch._foreach_lerp_(t_params, [p.detach() for p in o_params], 1.0 - m)
+    torch._foreach_lerp_(t_params, [p.detach() for p in o_params], weight)

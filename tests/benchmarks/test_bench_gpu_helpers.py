@@ -1,0 +1,77 @@
+"""The measuring parts of benchmarks/gpu_throughput.py and benchmarks/scaling.py (never timings)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import gpu_throughput as gt  # noqa: E402
+import scaling  # noqa: E402
+from conftest import tiny_overrides  # noqa: E402
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA A10G", 70.0), ("NVIDIA A10", 125.0), ("NVIDIA L4", 121.0),
+                                        ("NVIDIA L40S", 362.0), ("Some Future GPU", None)])
+def test_peak_table_matches_the_specific_name_first(name, peak):
+    assert gt.peak_tflops(name, 0.0) == peak
+    assert gt.peak_tflops(name, 123.0) == 123.0                  # --peak-tflops wins
+
+
+def test_timed_window_skips_warmup_and_weights_rows_by_their_steps(tmp_path):
+    rows = [{"step": 2, "images_per_s": 1.0, "data_wait": 0.9},       # warm-up: ignored
+            {"step": 4, "images_per_s": 20.0, "data_wait": 0.5},      # 2 steps of 10 images: 1 s, 0.5 s waiting
+            {"step": 5, "images_per_s": 5.0, "data_wait": 0.0}]       # 1 step: 2 s
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    w = gt.timed_window(path, warmup=2, batch=10)
+    assert w["steps"] == 3 and w["seconds"] == pytest.approx(3.0) and w["wait"] == pytest.approx(0.5)
+
+
+def test_jpeg_folder_is_real_images_the_folder_dataset_reads(tmp_path, monkeypatch):
+    from selfsight.data import build_dataset
+    root = gt.make_jpeg_folder(str(tmp_path / "jpegs"), 12, 64, 96, procs=1)
+    files = sorted(Path(root).rglob("*.jpg"))
+    assert len(files) == 12
+    ds = build_dataset(root)
+    assert len(ds) == 12
+    sizes = set()
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["skipped"] == 0
+        w, h = item["image"].size
+        assert 64 <= min(w, h) <= 96
+        sizes.add((w, h))
+    assert len(sizes) > 1                                           # random crops, not one picture repeated
+
+
+def test_step_flops_grow_with_the_batch_and_match_a_plain_count(fmnist_small, tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+    from selfsight.config import load_config
+    from selfsight.engine.trainer import Trainer
+    flops = {}
+    for b in (16, 32):
+        cfg = load_config(overrides=tiny_overrides(**{"method.name": "simclr", "data.batch_size": b,
+                                                      "train.steps": 1}))
+        tr = Trainer(cfg, tmp_path / f"b{b}", dataset=fmnist_small)
+        flops[b] = gt.step_flops(tr)
+        assert all(p.grad is None for p in tr.model.parameters())    # no gradient left behind
+    assert flops[32] == pytest.approx(2 * flops[16], rel=0.05)
+    # forward + backward of the backbone alone is most of it, and backward ~ 2x forward
+    x = torch.randn(32 * 2, 1, 28, 28)
+    with FlopCounterMode(display=False) as c:
+        tr.model.backbone(x).sum().backward()
+    assert 0.8 < c.get_total_flops() / flops[32] <= 1.0
+
+
+def test_scaling_expectations():
+    assert scaling.expected("batch", 256, 64, {}, {}) == 4
+    assert scaling.expected("size", 96, 32, {}, {}) == 9
+    assert scaling.expected("crops", 8, 0, {}, {}) == pytest.approx(1.75)
+    assert scaling.expected("mask", 0.9, 0.75, {"visible_tokens": 6}, {"visible_tokens": 16}) == 6 / 16
