@@ -33,6 +33,7 @@ from selfsight.data.images import BrokenImageError, decode_image
 log = logging.getLogger("selfsight.data")
 
 SHARD_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SHARDS_JSON = "shards.json"          # {"__len__": N, "shards": {file name: samples}, "classes": [...]}
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -44,7 +45,13 @@ def is_shard_spec(spec: str) -> bool:
     path = os.path.expanduser(spec)
     if path.endswith(".tar") and (_BRACE.search(path) or glob.has_magic(path) or os.path.isfile(path)):
         return True
-    return os.path.isdir(path) and any(n.endswith(".tar") for n in os.listdir(path))
+    if not os.path.isdir(path):
+        return False
+    # a folder of shards holds .tar files and nothing an image folder would (class folders, images):
+    # an image folder with a downloaded archive beside its images stays an image folder
+    names = os.listdir(path)
+    others = [n for n in names if os.path.isdir(os.path.join(path, n)) or n.lower().endswith(IMAGE_SUFFIXES)]
+    return any(n.endswith(".tar") for n in names) and not others
 
 
 def expand_shards(spec: str) -> list[str]:

@@ -117,6 +117,10 @@ def test_broken_members_are_skipped_and_counted(numbered, tmp_path):
 def test_specs_and_keys(numbered, tmp_path):
     assert is_shard_spec(str(numbered)) and is_shard_spec(str(numbered / "shard-{000000..000007}.tar"))
     assert not is_shard_spec(str(tmp_path))
+    images = tmp_path / "images"                  # an image folder with its downloaded archive beside it
+    (images / "cat").mkdir(parents=True)
+    (images / "archive.tar").write_bytes(b"")
+    assert not is_shard_spec(str(images))
     assert len(expand_shards(str(numbered / "shard-{000002..000004}.tar"))) == 3
     with pytest.raises(FileNotFoundError, match="missing"):
         expand_shards(str(numbered / "shard-{000000..000009}.tar"))
