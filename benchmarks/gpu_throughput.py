@@ -152,12 +152,6 @@ def peak_tflops(device_name: str, given: float) -> float | None:
     return None
 
 
-def compile_available() -> bool:
-    from dataclasses import fields
-    from selfsight.config import TrainConfig
-    return "compile" in {f.name for f in fields(TrainConfig)}
-
-
 def step_flops(tr) -> float:
     """FLOPs of one training step (forward + backward) of ``tr``'s method on one real batch."""
     import torch
@@ -199,7 +193,7 @@ def run_recipe(args, name: str) -> dict:
         "views.preset=imagenet", f"train.steps={args.warmup + args.steps}", f"train.log_every={args.log_every}",
         "train.progress=false", "train.tensorboard=false", "train.checkpoint_every=0",
         f"train.precision={args.precision}"]
-    if args.compile and compile_available():
+    if args.compile:
         over.append("train.compile=true")
     cfg = load_config(overrides=over)
     run_dir = Path(tempfile.mkdtemp(prefix=f"gpu_bench_{name}_"))
@@ -225,7 +219,7 @@ def run_recipe(args, name: str) -> dict:
     return {"recipe": name, "label": r.tiny_label if args.tiny else r.label, "family": r.family, "device": device,
             "batch": batch,
             "precision": str(tr.amp_dtype or "fp32").replace("torch.", ""),
-            "compile": bool(args.compile and compile_available()), "timed_steps": int(w["steps"]),
+            "compile": bool(args.compile), "timed_steps": int(w["steps"]),
             "images_per_s": steps_per_s * batch, "step_ms": 1000 / steps_per_s, "data_wait": w["wait"] / w["seconds"],
             "peak_mem_gb": peak_gb, "peak_mem_kind": "GPU allocated" if cuda else "process RSS",
             "gflop_per_step": flops / 1e9, "peak_tflops": peak,
@@ -279,10 +273,6 @@ def main() -> None:
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         ap.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
-    note = ""
-    if args.compile and not compile_available():
-        note = "--compile asked for, but this selfsight has no train.compile key: ran without torch.compile"
-        print("note:", note, flush=True)
     tmp = None
     data = args.data
     if not data and importlib.util.find_spec("skimage") is None:
@@ -331,8 +321,7 @@ def main() -> None:
     compiled = "on" if ok and ok[0]["compile"] else "off"
     head = (f"{device}, precision {ok[0]['precision'] if ok else '?'}, compile {compiled}, "
             f"{args.workers} loader workers, {'tiny models, ' if args.tiny else ''}{args.steps} timed steps after "
-            f"{args.warmup} warm-up, data {args.data or 'JPEGs made from skimage photos'}"
-            + (f"; {note}" if note else ""))
+            f"{args.warmup} warm-up, data {args.data or 'JPEGs made from skimage photos'}")
     table = markdown(rows, head)
     print("\n" + table)
     if args.out:
