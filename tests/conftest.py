@@ -93,8 +93,13 @@ def _gloo_entry(rank, world, init_file, result_path, fn, args):
 def run_on_gloo(fn, tmp_path, *args, world: int = 2):
     """Run ``fn(rank, *args)`` in ``world`` processes joined on gloo; returns what rank 0 returned
     (``fn`` must be a module-level function; every rank must make the same collective calls)."""
+    import shutil
     import torch.multiprocessing as mp
+    before = set(tmp_path.iterdir())
     for attempt in range(2):
+        if attempt:                       # the retry starts clean: what the aborted try wrote goes
+            for p in set(tmp_path.iterdir()) - before:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         try:
             mp.spawn(_gloo_entry, args=(world, str(tmp_path / f"gloo-init-{attempt}"), str(tmp_path / "rank0.pt"),
                                         fn, args), nprocs=world, join=True)

@@ -119,66 +119,72 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
 
 class BatchedViews:
     """uint8 batch B×C×H×W (any device) -> list of normalized float views: ``n_views`` of B×C×S×S,
-    then ``local_crops`` of B×C×s×s (multi-crop)."""
+    then ``local_crops`` of B×C×s×s (multi-crop).
+
+    No host-device synchronisation: every random parameter is drawn on the CPU (``generator``),
+    the samples each op applies to are found there too, and they reach the device in one copy per
+    group of views. Views that share a recipe (SimCLR's two, DINO's local crops) are finished as one
+    batch, so a 2×224 + 10×96 DINO batch is 3 groups of kernels, not 12.
+    """
 
     def __init__(self, recipe: ViewRecipe, generator: torch.Generator | None = None):
         self.recipe = recipe
         self.generator = generator
 
-    def _rand(self, *shape, device) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.generator).to(device)
-
     def one_view(self, images: torch.Tensor, recipe: ViewRecipe | None = None) -> torch.Tensor:
         r = recipe or self.recipe
+        return self.finish(self._crop(images.float() / 255.0, r), r)
+
+    def _crop(self, images: torch.Tensor, r: ViewRecipe) -> torch.Tensor:
         b, c, h, w = images.shape
         boxes = sample_crop_boxes(b, h, w, r.crop_scale, r.crop_ratio, self.generator).to(images.device)
-        return self.finish(resized_crop(images.float() / 255.0, boxes, r.size), r)
+        return resized_crop(images, boxes, r.size)
 
     def finish(self, x: torch.Tensor, recipe: ViewRecipe | None = None) -> torch.Tensor:
         """Everything after the crop: flip, colour (``color``), normalize. ``x``: B×C×S×S crops,
         uint8 (the hybrid path's worker crops) or float in [0, 1]."""
-        r, dev = recipe or self.recipe, x.device
+        return self.finish_views([x], [recipe or self.recipe])[0]
+
+    def finish_views(self, views: list[torch.Tensor], recipes: list[ViewRecipe]) -> list[torch.Tensor]:
+        """``finish`` for several views; consecutive views with the same recipe and shape run as one batch."""
+        out, i = [], 0
+        while i < len(views):
+            j = i + 1
+            while j < len(views) and recipes[j] == recipes[i] and views[j].shape == views[i].shape:
+                j += 1
+            group = views[i] if j == i + 1 else torch.cat(views[i:j])
+            out.extend(self._finish(group, recipes[i]).chunk(j - i))
+            i = j
+        return out
+
+    def _finish(self, x: torch.Tensor, r: ViewRecipe) -> torch.Tensor:
+        dev = x.device
         b, c = x.shape[:2]
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
-        flip = (self._rand(b, device=dev) < r.flip_p).view(b, 1, 1, 1)
-        x = torch.where(flip, x.flip(-1), x)
-        x = self.color(x, r)
+        p = _ViewParams(b, c, r, self.generator, dev)
+        x = torch.where(p.flip, x.flip(-1), x)
+        x = self.color(x, r, p)
         x = ((x - torch.tensor(r.mean, device=dev).view(1, c, 1, 1))
              / torch.tensor(r.std, device=dev).view(1, c, 1, 1))
         return x
 
-    def color(self, x: torch.Tensor, recipe: ViewRecipe | None = None) -> torch.Tensor:
+    def color(self, x: torch.Tensor, recipe: ViewRecipe | None = None, params: "_ViewParams | None" = None
+              ) -> torch.Tensor:
         """ColorJitter (random order per sample) with p, grayscale, blur, solarize; x in [0, 1]."""
-        r, dev = recipe or self.recipe, x.device
-        b, c = x.shape[:2]
-        bri, con, sat, hue = r.jitter
-        ops = [("b", bri), ("c", con)] + ([("s", sat), ("h", hue)] if c == 3 else [])
-        ops = [(name, a) for name, a in ops if a > 0]
-        if ops and r.jitter_p > 0:
-            apply = self._rand(b, device=dev) < r.jitter_p
-            factors = {}
-            for name, a in ops:
-                lo, hi = (-a, a) if name == "h" else (max(0.0, 1 - a), 1 + a)
-                factors[name] = (lo + (hi - lo) * self._rand(b, device=dev)).view(b, 1, 1, 1)
-            order = torch.argsort(torch.rand(b, len(ops), generator=self.generator), 1).to(dev)  # per-sample order
+        r = recipe or self.recipe
+        p = params or _ViewParams(x.shape[0], x.shape[1], r, self.generator, x.device)
+        if p.jitter:
             x = x.clone()
-            for pos in range(len(ops)):
-                for k, (name, _) in enumerate(ops):
-                    idx = torch.nonzero(apply & (order[:, pos] == k)).squeeze(1)
-                    if idx.numel() == 0:
-                        continue
-                    x[idx] = self._jitter_op(name, x[idx], factors[name][idx])
-        if r.gray_p > 0 and c == 3:
-            g = (self._rand(b, device=dev) < r.gray_p).view(b, 1, 1, 1)
-            x = torch.where(g, _gray(x).expand_as(x), x)
-        if r.blur_p > 0:
-            sel = (self._rand(b, device=dev) < r.blur_p).view(b, 1, 1, 1)
-            sigma = 0.1 + 1.9 * self._rand(b, device=dev)
-            x = torch.where(sel, gaussian_blur(x, sigma.to(x.dtype), r.blur_kernel), x)
-        if r.solarize_p > 0:
-            sel = (self._rand(b, device=dev) < r.solarize_p).view(b, 1, 1, 1)
-            x = torch.where(sel & (x >= 0.5), 1.0 - x, x)
+            for name, idx, f in p.jitter:          # in order of position: each sample's own op order
+                x.index_copy_(0, idx, self._jitter_op(name, x.index_select(0, idx), f))
+        if p.gray is not None:
+            x = torch.where(p.gray, _gray(x).expand_as(x), x)
+        if p.blur is not None:
+            idx, sigma = p.blur
+            x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), sigma.to(x.dtype), r.blur_kernel))
+        if p.solarize is not None:
+            x = torch.where(p.solarize & (x >= 0.5), 1.0 - x, x)
         return x
 
     @staticmethod
@@ -192,4 +198,62 @@ class BatchedViews:
         return _adjust_hue(x, f)                          # hue: rotate H in HSV
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [self.one_view(images, self.recipe.for_view(i)) for i in range(self.recipe.total_views)]
+        recipes = [self.recipe.for_view(i) for i in range(self.recipe.total_views)]
+        full = images.float() / 255.0                       # once, not once per view
+        return self.finish_views([self._crop(full, r) for r in recipes], recipes)
+
+
+class _ViewParams:
+    """The random parameters of one group of B views, drawn on the CPU in one block (one column
+    per draw) and sent to the device in two copies (floats, sample indices): nothing is read back.
+
+    ``jitter``: (op, sample indices, factors) in application order: at position k every sample
+    applies the op its own random permutation puts at k (torchvision's ColorJitter order), and
+    only the samples that jitter at all (``jitter_p``) take part. ``blur``: (indices, sigmas) of
+    the blurred samples: the blur runs on those alone.
+    """
+
+    def __init__(self, b: int, c: int, r: ViewRecipe, generator: torch.Generator | None, device: torch.device):
+        bri, con, sat, hue = r.jitter
+        ops = [("b", bri), ("c", con)] + ([("s", sat), ("h", hue)] if c == 3 else [])
+        ops = [(name, a) for name, a in ops if a > 0]
+        n = len(ops)
+        u = torch.rand(b, 6 + 2 * n, generator=generator)         # flip, apply, n factors, n order keys, 4 more
+        floats, index, layout = [(u[:, 0] < r.flip_p).float()], [], []
+        self.jitter = []
+        if ops and r.jitter_p > 0:
+            apply = u[:, 1] < r.jitter_p
+            order = torch.argsort(u[:, 2 + n:2 + 2 * n], 1)         # per-sample order of the ops
+            for k, (name, a) in enumerate(ops):
+                lo, hi = (-a, a) if name == "h" else (max(0.0, 1 - a), 1 + a)
+                floats.append(lo + (hi - lo) * u[:, 2 + k])
+            for pos in range(n):
+                for k in range(n):
+                    idx = torch.nonzero(apply & (order[:, pos] == k)).squeeze(1)
+                    if len(idx):
+                        index.append(idx)
+                        layout.append(("jitter", ops[k][0], k, len(idx)))
+        g, bl, sg, so = (u[:, 2 + 2 * n + i] for i in range(4))
+        blur_idx = torch.nonzero(bl < r.blur_p).squeeze(1) if r.blur_p > 0 else torch.zeros(0, dtype=torch.long)
+        if len(blur_idx):
+            index.append(blur_idx)
+            layout.append(("blur", "", -1, len(blur_idx)))
+        floats += [(g < r.gray_p).float(), (so < r.solarize_p).float(), 0.1 + 1.9 * sg]
+        fdev = _to_device(torch.stack(floats, 1), device)                            # B×(4 + n)
+        idev = _to_device(torch.cat(index), device).split([m[3] for m in layout]) if index else []
+        self.flip = fdev[:, 0].bool().view(b, 1, 1, 1)
+        self.blur = None
+        for (kind, name, k, _), idx in zip(layout, idev):
+            if kind == "jitter":                  # factor k sits in column 1 + k
+                self.jitter.append((name, idx, fdev[:, 1 + k].index_select(0, idx).view(-1, 1, 1, 1)))
+            else:
+                self.blur = (idx, fdev[:, -1].index_select(0, idx))
+        self.gray = fdev[:, -3].bool().view(b, 1, 1, 1) if r.gray_p > 0 and c == 3 else None
+        self.solarize = fdev[:, -2].bool().view(b, 1, 1, 1) if r.solarize_p > 0 else None
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without waiting: pinned and copied asynchronously on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

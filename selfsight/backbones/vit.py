@@ -27,9 +27,11 @@ from selfsight.backbones.base import Features
 from selfsight.nn.attention import attention_kernels, use_sdpa
 from selfsight.nn.checkpointing import checkpointed
 from selfsight.nn.pos_embed import sincos_2d
+from selfsight.nn.tokens import visible_index
 
 SIZES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
          "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
+
 
 
 class ViTBackbone(nn.Module):
@@ -77,9 +79,13 @@ class ViTBackbone(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None = None, visible: int | None = None) -> torch.Tensor:
         """Patch embedding, mask token or dropped patches, position embedding, class token:
-        the tokens B×(1+N)×D that enter the first block."""
+        the tokens B×(1+N)×D (drop: B×(1+visible)×D) that enter the first block.
+
+        ``visible``: the number of unmasked patches per sample when the caller knows it (MAE's
+        fixed ratio): the visible tokens are then gathered without reading anything back from the
+        device. Without it, the count is read from the mask (one host read) and checked."""
         n = self.net
         if mask is not None and self.mask_mode == "none":
             raise ValueError("this ViT was built with mask_mode='none'; build it with 'token' or 'drop' to pass a mask")
@@ -96,11 +102,13 @@ class ViTBackbone(nn.Module):
         x = n._pos_embed(x)                                      # B×(1+N)×D, class token prepended
         if mask is not None and self.mask_mode == "drop":
             keep = ~mask.reshape(b, -1)
-            counts = keep.sum(1)
-            if not bool((counts == counts[0]).all()):
-                raise ValueError("mask_mode='drop' needs the same number of visible patches in every sample")
+            if visible is None:
+                counts = keep.sum(1)
+                if not bool((counts == counts[0]).all()):
+                    raise ValueError("mask_mode='drop' needs the same number of visible patches in every sample")
+                visible = int(counts[0])
             prefix = n.num_prefix_tokens
-            patches = x[:, prefix:][keep].reshape(b, int(counts[0]), d)
+            patches = x[:, prefix:].gather(1, visible_index(keep, visible)[..., None].expand(-1, -1, d))
             x = torch.cat([x[:, :prefix], patches], 1)
         return n.norm_pre(x)
 
@@ -113,9 +121,10 @@ class ViTBackbone(nn.Module):
                              f"{self.rel_pos_bias.bias_shape[0]}")
         return self.rel_pos_bias.get_bias().to(x.dtype)         # 1×heads×(1+N)×(1+N), added to QKᵀ/√d
 
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Features:
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                         visible: int | None = None) -> Features:
         n = self.net
-        x = self._embed(x, mask)
+        x = self._embed(x, mask, visible)
         bias = self._attn_bias(x)
         if n.grad_checkpointing and torch.is_grad_enabled():
             for blk in n.blocks:        # each block recomputed in backward, under the same kernel choice

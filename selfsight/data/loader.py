@@ -233,8 +233,8 @@ class ViewLoader:
                          "skipped": raw["skipped"]}
                 self.augment_time += time.perf_counter() - t1
             elif self.mode == "hybrid":            # uint8 worker crops -> flip, colour, normalize on the device
-                views = [self.views.finish(v.to(self.device, non_blocking=True), r)
-                         for v, r in zip(raw["views"], self.view_recipes)]
+                views = self.views.finish_views([v.to(self.device, non_blocking=True) for v in raw["views"]],
+                                                self.view_recipes)
                 batch = {"views": views, "label": raw["label"].to(self.device), "skipped": raw["skipped"]}
                 self.augment_time += time.perf_counter() - t1
             else:

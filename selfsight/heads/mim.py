@@ -25,6 +25,7 @@ from timm.models.vision_transformer import Block
 
 from selfsight.nn.attention import attention_kernels, use_sdpa
 from selfsight.nn.pos_embed import sincos_2d
+from selfsight.nn.tokens import visible_index
 
 HEADS = ("linear", "mlp", "decoder")
 
@@ -76,9 +77,8 @@ class MAEDecoder(nn.Module):
         b, n = mask.shape
         x = self.embed(patch)                                          # B×Nv×d or B×N×d
         if x.shape[1] != n:                                            # sparse: scatter the visible tokens back
-            full = self.mask_token.to(x.dtype).expand(b, n, -1).clone()
-            full[~mask] = x.reshape(-1, self.dim)
-            x = full
+            index = visible_index(~mask, x.shape[1])[..., None].expand(-1, -1, self.dim)    # B×Nv×d
+            x = self.mask_token.to(x.dtype).expand(b, n, -1).scatter(1, index, x)
         else:                                                          # dense: masked positions -> mask token
             m = mask[..., None].to(x.dtype)
             x = x * (1 - m) + self.mask_token.to(x.dtype) * m

@@ -161,6 +161,14 @@ class MaskGenerator:
             return self._random(batch, n, n_unmasked, torch.Generator().manual_seed(seed))
         return self._block(batch, grid_h, grid_w, n_unmasked, random.Random(seed))
 
+    def visible(self, n: int) -> int | None:
+        """The number of unmasked patches of every mask of ``n`` patches, when it is fixed (random
+        masking at one ratio, no unmasked images): what a sparse encoder keeps, known without
+        reading the mask. None when it varies (block masking, a ratio range, unmasked images)."""
+        if self.kind == "random" and not self.ratio_range and self.unmasked_share == 0:
+            return int(n * (1 - self.ratio))
+        return None
+
     def _random(self, batch: int, n: int, n_unmasked: int, g: torch.Generator) -> torch.Tensor:
         if not self.ratio_range and n_unmasked == 0:
             return random_mask(batch, n, n - int(n * (1 - self.ratio)), g)            # same count per image

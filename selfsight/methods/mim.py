@@ -183,7 +183,10 @@ class MIM(nn.Module):
         grid = self.masker.grid(x.shape[-2:])
         states, handles = self.aggregation.capture(self.student) if aggregate else ({}, [])
         try:
-            feats = self.student.forward_features(x, mask)                      # cls B×D, patch B×(N|Nv)×D
+            # the visible count, when the masker fixes it, lets a sparse student gather without a host read
+            visible = self.masker.generator.visible(grid[0] * grid[1])
+            kw = {} if visible is None else {"visible": visible}
+            feats = self.student.forward_features(x, mask, **kw)               # cls B×D, patch B×(N|Nv)×D
         finally:
             for h in handles:
                 h.remove()

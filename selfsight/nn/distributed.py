@@ -103,20 +103,15 @@ def _reduce_flag(flag: bool | torch.Tensor, op) -> bool:
     return bool(f.item() > 0)
 
 
-def all_ranks_true(flag: bool | torch.Tensor) -> bool:
-    """True when ``flag`` is true on every rank: ranks must agree before one of them skips a
-    step, or DDP's gradient all-reduce would wait forever."""
-    return _reduce_flag(flag, dist.ReduceOp.MIN)
-
-
 def any_rank_true(flag: bool | torch.Tensor) -> bool:
     """True when ``flag`` is true on at least one rank (e.g. a stop condition)."""
     return _reduce_flag(flag, dist.ReduceOp.MAX)
 
 
 def all_ranks(flag: torch.Tensor) -> torch.Tensor:
-    """``all_ranks_true`` that stays on the device: a 0-d bool tensor, true when ``flag`` (a 0-d
-    bool tensor on this process's device) is true on every rank; an all_reduce, no host read."""
+    """A 0-d bool tensor, true when ``flag`` (a 0-d bool tensor on this process's device) is true
+    on every rank: ranks must agree before one of them skips a step, or DDP's gradient all-reduce
+    would wait forever. An all_reduce on the device, no host read."""
     if world_size() == 1:
         return flag
     f = flag.to(torch.float32).reshape(1)

@@ -51,10 +51,24 @@ def test_sparse_encoder_equals_dense_reference_on_visible_tokens(fmnist_small):
     assert sparse.patch.shape == (4, 12, 192)
     torch.testing.assert_close(sparse.cls, ref[:, 0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sparse.patch, ref[:, 1:][~mask].reshape(4, 12, 192), rtol=1e-4, atol=1e-4)
+    # given the visible count (MIM passes MaskGenerator.visible: no host read), the same tokens
+    assert MaskGenerator("random", 0.75).visible(49) == 12
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(x, mask, visible=12).patch, sparse.patch)
     # a different mask changes the result (the reference is not trivially equal)
     other = MaskGenerator("random", 0.75)(4, 7, 7, seed=4)
     with torch.no_grad():
         assert not torch.allclose(vit.forward_features(x, other).cls, sparse.cls, atol=1e-3)
+
+
+def test_visible_count_is_known_only_when_every_mask_has_it():
+    assert MaskGenerator("random", 0.6).visible(196) == int(196 * 0.4)
+    assert MaskGenerator("random", 0.6, ratio_range=(0.1, 0.5)).visible(196) is None
+    assert MaskGenerator("random", 0.6, unmasked_share=0.5).visible(196) is None
+    assert MaskGenerator("block", 0.4).visible(196) is None
+    for batch, n in ((3, 49), (8, 196)):         # the count it states is the count every mask has
+        m = MaskGenerator("random", 0.75)(batch, 7 if n == 49 else 14, 7 if n == 49 else 14, seed=1)
+        assert ((~m).sum(1) == MaskGenerator("random", 0.75).visible(n)).all()
 
 
 def test_sparse_input_needs_equal_visible_counts(fmnist_small):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_overrides
 from selfsight.config import load_config
-from selfsight.engine.monitor import collapse_warning, embedding_stats
+from selfsight.engine.monitor import collapse_warning, embedding_stats, rankme
 from selfsight.engine.trainer import pretrain
 
 
@@ -23,6 +23,16 @@ def test_stats_of_healthy_and_collapsed_embeddings():
     assert "collapsed" in collapse_warning(constant)
     one_direction = embedding_stats(torch.randn(256, 1) * torch.randn(1, 64))      # rank one, spread kept
     assert "directions" in collapse_warning(one_direction)
+
+
+@pytest.mark.parametrize("shape", [(64, 200), (300, 48)])
+def test_rankme_matches_the_papers_formula_on_singular_values(shape):
+    """RankMe (Garrido et al. 2023, Eq. 1), written out from an SVD of z, against the Gram route."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(0, -3, shape[1]))   # a decaying spectrum
+    sigma = torch.linalg.svd(z.double(), full_matrices=False).S
+    p = sigma / sigma.sum() + 1e-7
+    assert rankme(z) == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-6)
 
 
 def run(tmp_path, fmnist_small, caplog, stop_gradient):

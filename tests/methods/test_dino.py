@@ -141,7 +141,7 @@ def test_dino_learns_features_on_real_images(tmp_path, fmnist_small, fmnist_test
         "method.name": "dino", "method.out_dim": 1024, "method.hidden_dim": 256, "method.bottleneck_dim": 64,
         "method.momentum": 0.99, "method.teacher_temp_warmup_epochs": 1, "method.freeze_last_layer": 0.2,
         "method.use_bn_in_head": "true", "method.warmup_teacher_temp": 0.02, "method.teacher_temp": 0.04,
-        "views.local_crops": 2, "views.local_size": 12, "optim.lr": 0.1, "train.steps": 300,
+        "views.local_crops": 2, "views.local_size": 12, "optim.lr": 0.1, "train.steps": 500,
         "optim.weight_decay_end": -1, "optim.clip_grad": 3.0, "optim.clip_mode": "per_param",
         "train.log_every": 50}))
     pretrain(cfg, tmp_path / "run", dataset=fmnist_small)
