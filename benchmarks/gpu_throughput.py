@@ -27,6 +27,8 @@ printed beside the results: MFU >= 35 % for the ViT recipes, >= 25 % for ResNet-
     python benchmarks/gpu_throughput.py --out bench_gpu            # ~4 minutes on one H100 (estimate)
     python benchmarks/gpu_throughput.py --compile --out bench_gpu  # with train.compile=true
     python benchmarks/gpu_throughput.py --tiny                     # CPU smoke check: tiny models, 3 steps
+    python benchmarks/gpu_throughput.py --make /tmp/jpegs --recipes simclr_r50   # keep the JPEGs, then
+    python benchmarks/gpu_throughput.py --data /tmp/jpegs --set data.cache=true  # the decoded uint8 cache
 
 ``--out DIR`` writes ``DIR/gpu_throughput.json`` and ``DIR/gpu_throughput.md``.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import resource
 import shutil
@@ -42,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +147,17 @@ def make_jpeg_folder(root: str, n: int, lo: int = 256, hi: int = 480, procs: int
 
 # ---------------------------------------------------------------------------------- one recipe
 
+class _Warnings(logging.Handler):
+    """The selfsight warnings of a run (e.g. a compile that failed and fell back to eager)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def peak_tflops(device_name: str, given: float) -> float | None:
     if given > 0:
         return given
@@ -159,7 +174,9 @@ def step_flops(tr) -> float:
     batch = next(iter(tr.loader.epoch(0, 0)))
     if tr.channels_last:
         batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
-    with FlopCounterMode(display=False) as counter:
+    # counted eagerly: the compiled networks compile in the run's first step, not under the counter
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+    with eager, FlopCounterMode(display=False) as counter:
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32, enabled=tr.amp_dtype is not None):
             out = tr.model(batch, tr.schedule(0))
         out["loss"].backward()
@@ -195,8 +212,10 @@ def run_recipe(args, name: str) -> dict:
         f"train.precision={args.precision}"]
     if args.compile:
         over.append("train.compile=true")
-    cfg = load_config(overrides=over)
+    cfg = load_config(overrides=over + list(args.set))
     run_dir = Path(tempfile.mkdtemp(prefix=f"gpu_bench_{name}_"))
+    warnings = _Warnings()
+    logging.getLogger("selfsight").addHandler(warnings)
     try:
         tr = Trainer(cfg, run_dir)
         flops = step_flops(tr)
@@ -205,6 +224,7 @@ def run_recipe(args, name: str) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         tr.fit()
+        compiled = bool(tr.compiled)            # emptied when compiling failed and the run went on eagerly
         w = timed_window(run_dir / "metrics.jsonl", args.warmup, batch)
         if cuda:
             peak_gb = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -219,7 +239,11 @@ def run_recipe(args, name: str) -> dict:
     return {"recipe": name, "label": r.tiny_label if args.tiny else r.label, "family": r.family, "device": device,
             "batch": batch,
             "precision": str(tr.amp_dtype or "fp32").replace("torch.", ""),
-            "compile": bool(args.compile), "timed_steps": int(w["steps"]),
+            "compile": bool(args.compile) and compiled,
+            "compile_error": next((m for m in warnings.messages if "train.compile failed" in m),
+                                  "no warning logged")
+            if args.compile and not compiled else None,
+            "timed_steps": int(w["steps"]),
             "images_per_s": steps_per_s * batch, "step_ms": 1000 / steps_per_s, "data_wait": w["wait"] / w["seconds"],
             "peak_mem_gb": peak_gb, "peak_mem_kind": "GPU allocated" if cuda else "process RSS",
             "gflop_per_step": flops / 1e9, "peak_tflops": peak,
@@ -235,11 +259,12 @@ def markdown(rows: list[dict], head: str) -> str:
         if "error" in r:
             lines.append(f"| {r['label']} | | FAILED: {r['error']} | | | | | | |")
             continue
+        label = r["label"] + (f" (compile FAILED, eager: {r['compile_error']})" if r.get("compile_error") else "")
         target = MFU_TARGET[r["family"]]
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a (no peak: --peak-tflops)"
         ok_mfu = "n/a" if r["mfu"] is None else ("met" if r["mfu"] >= target else "missed")
         ok_wait = "met" if r["data_wait"] < WAIT_TARGET else "missed"
-        lines.append(f"| {r['label']} | {r['batch']} | {r['images_per_s']:.0f} | {r['step_ms']:.0f} | "
+        lines.append(f"| {label} | {r['batch']} | {r['images_per_s']:.0f} | {r['step_ms']:.0f} | "
                      f"{100 * r['data_wait']:.1f} % | {r['peak_mem_gb']:.1f} | {r['gflop_per_step']:.4g} | {mfu} | "
                      f">= {100 * target:.0f} %: {ok_mfu}; wait: {ok_wait} |")
     return "\n".join(lines)
@@ -249,6 +274,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated: {', '.join(RECIPES)}")
     ap.add_argument("--data", default="", help="a folder of images (default: JPEGs made from skimage photos)")
+    ap.add_argument("--make", default="", metavar="DIR",
+                    help="make the JPEGs in DIR and keep them (reuse with --data DIR in a later command)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every recipe, e.g. --set data.cache=true (repeatable)")
     ap.add_argument("--files", type=int, default=0, help="JPEGs to make (default 5000; --tiny 64)")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default 30; --tiny 2)")
     ap.add_argument("--warmup", type=int, default=0, help="warm-up steps, not timed (default 10; --tiny 1)")
@@ -277,13 +306,17 @@ def main() -> None:
     data = args.data
     if not data and importlib.util.find_spec("skimage") is None:
         ap.error("the JPEGs are made from scikit-image's photos: pip install scikit-image, or pass --data FOLDER")
+    if data and not os.path.isdir(data):
+        ap.error(f"--data {data}: no such folder")
     if not data:
-        tmp = tempfile.mkdtemp(prefix="gpu_bench_jpegs_")
+        if args.make:
+            os.makedirs(args.make, exist_ok=True)
+        data = args.make or tempfile.mkdtemp(prefix="gpu_bench_jpegs_")
+        tmp = None if args.make else data
         n = args.files or (64 if args.tiny else 5000)
         t0 = time.perf_counter()
-        make_jpeg_folder(tmp, n, *((64, 128) if args.tiny else (256, 480)))
-        print(f"made {n} JPEGs from skimage photos in {tmp} ({time.perf_counter() - t0:.1f} s)", flush=True)
-        data = tmp
+        make_jpeg_folder(data, n, *((64, 128) if args.tiny else (256, 480)))
+        print(f"made {n} JPEGs from skimage photos in {data} ({time.perf_counter() - t0:.1f} s)", flush=True)
     # a step budget that is a multiple of the log interval: the rows after the warm-up are the timed steps
     log_every = args.log_every or (1 if args.tiny else args.warmup)
     if args.warmup % log_every or args.steps % log_every:
@@ -295,7 +328,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--only", name, "--data", data, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--workers", str(args.workers),
                    "--precision", args.precision, "--peak-tflops", str(args.peak_tflops),
-                   "--log-every", str(log_every)] + (["--compile"] if args.compile else []) \
+                   "--log-every", str(log_every)] + [f"--set={o}" for o in args.set] \
+                + (["--compile"] if args.compile else []) \
                 + (["--tiny"] if args.tiny else [])
             t0 = time.perf_counter()
             try:
@@ -321,7 +355,8 @@ def main() -> None:
     compiled = "on" if ok and ok[0]["compile"] else "off"
     head = (f"{device}, precision {ok[0]['precision'] if ok else '?'}, compile {compiled}, "
             f"{args.workers} loader workers, {'tiny models, ' if args.tiny else ''}{args.steps} timed steps after "
-            f"{args.warmup} warm-up, data {args.data or 'JPEGs made from skimage photos'}")
+            f"{args.warmup} warm-up, data {args.data or 'JPEGs made from skimage photos'}"
+            + (f", overrides {' '.join(args.set)}" if args.set else ""))
     table = markdown(rows, head)
     print("\n" + table)
     if args.out:
