@@ -137,7 +137,7 @@ def cmd_eval_finetune(args) -> int:
                    layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
                    warmup_epochs=args.warmup_epochs, drop_path=args.drop_path, features=args.features,
                    optimizer=args.optimizer, device=args.device, baseline=args.baseline,
-                   max_train_images=args.images, data_root=args.data_root)
+                   max_train_images=args.images, data_root=args.data_root, head_norm=args.head_norm)
     line = (f"fine-tune ({res['epochs']} epochs, {res['optimizer']}, lr {res['lr']:.3g}, layer decay "
             f"{res['layer_decay']}) {res['model']} {res['method']}/{res['backbone']} on {res['test']}: "
             f"top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}")
@@ -368,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "sgd"],
                     help="auto: AdamW with layer decay for ViTs, momentum SGD for ResNets")
     ft.add_argument("--images", type=int, help="fine-tune on a random subset of this many training images")
+    ft.add_argument("--head-norm", default="bn", choices=["bn", "none"],
+                    help="bn (default): standardise the features (BatchNorm, no affine) before the new head; "
+                         "none: the papers' bare linear head")
     ft.set_defaults(func=cmd_eval_finetune)
 
     h = esub.add_parser("health", help="label-free health metrics: RankMe, alignment, uniformity, embedding std")

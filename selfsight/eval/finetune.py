@@ -11,7 +11,9 @@ decay** (Clark et al. 2020; ``beit/optim_factory.py``): with L blocks,
 linearly to ``drop_path`` over the blocks, the head initialised with std 2e-5 (MAE
 ``main_finetune.py``). ResNets: momentum SGD (0.9) without layer decay, base lr 0.1 and weight decay 1e-4 (the
 supervised ResNet recipe of Goyal et al. 2017), BatchNorm in train mode. Both: label-smoothed
-cross-entropy (Szegedy et al. 2016; torch's ``label_smoothing``), linear warm-up then cosine per step
+cross-entropy (Szegedy et al. 2016; torch's ``label_smoothing``), the features standardised by a
+BatchNorm without affine parameters before the new head (``head_norm``; a deviation from the
+papers' bare head, measured in docs/usage.md), linear warm-up then cosine per step
 (``engine.schedules.cosine``), learning rate ``lr · B / 256`` (MAE's ``blr``), random resized crop +
 horizontal flip only (the library's ``BatchedViews`` for in-memory sets, torchvision v2 in workers for
 folders; MixUp, CutMix and RandAugment of MAE are left out). Evaluation uses the resize and
@@ -36,6 +38,7 @@ from selfsight.engine.optim import build_optimizer, param_groups, skips_weight_d
 from selfsight.engine.schedules import cosine, scaled_lr
 from selfsight.eval.features import backbone_features, extract, load_run
 from selfsight.eval.linear import accuracy
+from selfsight.eval.online_probe import num_classes_of
 
 # defaults per backbone kind: (optimizer, base lr at batch 256, weight decay, drop path)
 VIT_DEFAULTS = ("adamw", 5e-4, 0.05, 0.1)        # MAE ViT-B fine-tuning (blr 5e-4, wd 0.05, drop path 0.1)
@@ -44,10 +47,16 @@ CONVNET_DEFAULTS = ("sgd", 0.1, 1e-4, 0.0)       # supervised ResNet recipe (Goy
 
 class Classifier(nn.Module):
     """backbone -> features (``cls`` | ``mean`` | ``cls+mean``, as ``features.backbone_features``)
-    -> linear head: images B×C×S×S -> logits B×K."""
+    [-> BatchNorm without affine, ``head_norm="bn"``] -> linear head: images B×C×S×S -> logits B×K.
+
+    ``head_norm="bn"`` (``finetune``'s default) standardises each feature over the batch before the
+    head (the BatchNorm MAE puts before its linear-probe head; its fine-tuning normalises pooled
+    features too, with ``fc_norm``): the head sees the same scale whatever the method left in the
+    features. Without it Barlow Twins' ResNet features throw the head off in the first SGD steps
+    (first-epoch loss 160, top-1 0.497; with it 1.42 and 0.806); docs/usage.md has the table."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, features: str = "cls", in_chans: int = 3,
-                 size: int = 32):
+                 size: int = 32, head_norm: str = "none"):
         super().__init__()
         self.backbone = backbone
         self.features = backbone_features(backbone, features)
@@ -57,12 +66,15 @@ class Classifier(nn.Module):
             probe = torch.zeros(2, in_chans, size, size, device=next(backbone.parameters()).device)
             dim = self.features(probe).shape[1]
         backbone.train(was_training)
+        if head_norm not in ("none", "bn"):
+            raise ValueError(f"head_norm must be none or bn, got {head_norm!r}")
+        self.head_norm = nn.BatchNorm1d(dim, affine=False) if head_norm == "bn" else nn.Identity()
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)                  # MAE main_finetune.py
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.head_norm(self.features(x)))
 
 
 def vit_layer_id(name: str, depth: int) -> int:
@@ -179,11 +191,11 @@ def _match_channels(ds, channels: int):
 
 
 def _num_classes(train, test) -> int:
-    if isinstance(train, ArrayDataset) and isinstance(test, ArrayDataset):
-        return max(len(train.classes), int(train.labels.max()) + 1, int(test.labels.max()) + 1)
-    if train.classes != test.classes:
+    """Outputs of the new head: the classes of either set (``num_classes_of``, as the online probe
+    counts them) or the named classes, whichever is more; folders must name the same classes."""
+    if not (isinstance(train, ArrayDataset) and isinstance(test, ArrayDataset)) and train.classes != test.classes:
         raise ValueError(f"train and test folders have different classes: {train.classes[:5]} vs {test.classes[:5]}")
-    return len(train.classes)
+    return max(len(train.classes), num_classes_of(train), num_classes_of(test))
 
 
 def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_size: int = 256,
@@ -191,7 +203,8 @@ def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_
              warmup_epochs: float | None = None, drop_path: float | None = None, features: str = "cls",
              optimizer: str = "auto", crop_scale: tuple | None = None, device: str | None = None,
              baseline: str | None = None, max_train_images: int | None = None, data_root: str = "",
-             precision: str | None = None, seed: int = 0, workers: int = 2, eval_batch_size: int = 512) -> dict:
+             precision: str | None = None, seed: int = 0, workers: int = 2, eval_batch_size: int = 512,
+             head_norm: str = "bn") -> dict:
     """Fine-tune a copy of the run's evaluation backbone with a new linear head on ``train``; top-1/top-5
     on ``test``. ``train``/``test``: data specs (``build_dataset``) or data sets. ``None`` defaults depend
     on the backbone (module docstring): ViTs AdamW, base lr 5e-4, weight decay 0.05, drop path 0.1;
@@ -200,7 +213,8 @@ def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_
     100). ``crop_scale``: (0.08, 1) above 64 px (Inception crops); (0.75, 1) at 64 px and below (about
     CIFAR's pad-4 random crop, which keeps >= (28/32)² of the image; 8 % of a 28 px image is 8×8 px).
     ``baseline="random"``: the same network from random initialisation (supervised training from scratch).
-    ``precision``: auto | bf16 | fp32 (default: the run's ``train.precision``)."""
+    ``precision``: auto | bf16 | fp32 (default: the run's ``train.precision``). ``head_norm``: bn
+    (default: the features standardised before the new head, ``Classifier``) or none (the bare head)."""
     from selfsight.engine.trainer import pick_precision
     from selfsight.eval.run_knn import _has_labels
     t0 = time.perf_counter()
@@ -246,7 +260,7 @@ def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_
         set_drop_path(backbone, drop_path)
     elif drop_path > 0:
         raise ValueError("--drop-path works for ViT backbones only")
-    clf = Classifier(backbone, num_classes, features, pre["channels"], size).to(device)
+    clf = Classifier(backbone, num_classes, features, pre["channels"], size, head_norm).to(device)
     channels_last = cfg.backbone.name.startswith("resnet") and cfg.backbone.channels_last
     if channels_last:
         clf = clf.to(memory_format=torch.channels_last)
@@ -294,7 +308,8 @@ def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_
     return {"model": baseline or "trained", "method": cfg.method.name, "backbone": cfg.backbone.name,
             "train": train if isinstance(train, str) else getattr(train, "name", "dataset"),
             "test": test if isinstance(test, str) else getattr(test, "name", "dataset"),
-            "features": features, **acc, "epochs": epochs, "steps": step, "train_images": len(train_set),
+            "features": features, "head_norm": head_norm, **acc, "epochs": epochs, "steps": step,
+            "train_images": len(train_set),
             "batch_size": batch_size, "optimizer": optimizer, "base_lr": base_lr, "lr": peak,
             "layer_decay": decay if vit else None, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
             "warmup_epochs": warmup_epochs, "drop_path": drop_path, "crop_scale": list(crop_scale),

@@ -120,3 +120,26 @@ def test_cli_finetune_json_round_trip_on_a_vit_run_and_folders(tmp_path, fmnist_
     assert 0.0 <= res["top1"] <= res["top5"] <= 1.0 and len(res["train_loss"]) == 1
     bad = subprocess.run(base + ["--baseline", "pixels"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("selfsight: error:") and "random" in bad.stderr
+
+
+def test_head_norm_standardises_what_the_head_sees(fmnist_small):
+    """--head-norm bn: features of any scale reach the head with unit variance (batch statistics)."""
+    from selfsight.backbones.resnet import ResNetBackbone
+    torch.manual_seed(0)
+    net = ResNetBackbone("resnet10", in_chans=1, small_stem="s2", width=8)
+    x = (fmnist_small.images[:64].float() / 255 - 0.5) / 0.5
+    seen = {}
+    for norm in ("none", "bn"):
+        clf = Classifier(net, 10, in_chans=1, size=28, head_norm=norm).train()
+        clf.head.register_forward_hook(lambda m, i, o, norm=norm: seen.__setitem__(norm, i[0].detach()))
+        with torch.no_grad():
+            clf.features = (lambda f: (lambda t: 1000 * f(t)))(clf.features)      # a method that left large features
+            clf(x)
+    assert seen["none"].std(0).mean() > 10
+    live = seen["none"].std(0) > 0                                  # dimensions that vary over the batch
+    assert live.sum() > 0.9 * live.numel()
+    std = seen["bn"].std(0, unbiased=False)[live]
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="head_norm"):
+        Classifier(net, 10, in_chans=1, size=28, head_norm="ln")
+
