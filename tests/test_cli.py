@@ -27,6 +27,16 @@ def test_version_and_methods():
     assert "simclr" in out and "resnet18" in out and "vit_small" in out and "simclr_fashion_mnist" in out
 
 
+def test_export_format_choices_are_the_exporters():
+    """The parser lists the formats itself (importing the exporter would load torch for --help)."""
+    import argparse
+    from selfsight.cli import build_parser
+    from selfsight.deploy.backbone import FORMATS
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    fmt = next(a for a in sub.choices["export"]._actions if a.dest == "format")
+    assert tuple(fmt.choices) == FORMATS
+
+
 def test_errors_are_one_line_with_exit_code_2(tmp_path):
     p = run("pretrain", "--out", str(tmp_path / "r"), "--steps", "1", "optim.learnig_rate=1", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
