@@ -83,6 +83,7 @@ peak memory, and the ratio to lightly's loop for the same method.
 
     pip install 'selfsight[bench]'     # lightly
     python benchmarks/throughput_vs_lightly.py --steps 30 [--methods simclr,mocov2,byol,simsiam,dino,mae]
+    python benchmarks/throughput_vs_lightly.py --methods simclr --steps 200 --knn 10000   # + kNN top-1 of each side
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 ROW = "ROW "
 LIGHTLY_ROW = "lightly plain loop"
@@ -112,6 +113,35 @@ def rgb_fmnist():
     return ArrayDataset(ds.images.expand(-1, 3, -1, -1).contiguous(), ds.labels, name="fmnist-rgb")
 
 
+def knn_top1(backbone, device: str, bank: int) -> float:
+    """kNN top-1 (k 20, T 0.07; selfsight.eval.knn) of ``backbone`` on the first 2,000 Fashion-MNIST test
+    images with the first ``bank`` training images as the bank; both sides get the same input: RGB,
+    28 -> 32 px bilinear, ImageNet normalisation (what the views are normalised with on both sides)."""
+    import torch
+    import torch.nn.functional as F
+    from selfsight.data import build_dataset
+    from selfsight.eval.knn import knn_accuracy
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    was_training = backbone.training
+    backbone.eval()
+    torch.set_grad_enabled(False)
+
+    def feats(images):
+        out = []
+        for i in range(0, len(images), 500):
+            x = images[i:i + 500].float().expand(-1, 3, -1, -1) / 255
+            x = (F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False) - mean) / std
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out.append(backbone(x.to(device)).float().cpu())
+        return torch.cat(out)
+    train, test = build_dataset("fashion-mnist"), build_dataset("fashion-mnist:test")
+    acc = knn_accuracy(feats(train.images[:bank]), train.labels[:bank], feats(test.images[:2000]), test.labels[:2000])
+    backbone.train(was_training)
+    torch.set_grad_enabled(True)
+    return float(acc["top1"])
+
+
 # ----------------------------------------------------------------------------------- lightly loops
 
 @dataclass
@@ -124,6 +154,7 @@ class LightlyLoop:
     after_backward: Callable | None = None           # (step, total steps), before the optimizer step
                                                      # (e.g. DINO's cancel_last_layer_gradients)
     optimizer: Callable | None = None                # (params, batch) -> optimizer; None = the shared SGD
+    backbone: Any = None                             # the network kNN (--knn) evaluates: images -> B×D
 
 
 def resnet18_backbone(**kw):
@@ -146,7 +177,7 @@ def lightly_simclr(args) -> LightlyLoop:
         x0, x1 = views
         return crit(model(x0), model(x1))
     return LightlyLoop(SimCLRTransform(input_size=32, gaussian_blur=0.0, min_scale=0.08),
-                       list(model.parameters()), step, [model])
+                       list(model.parameters()), step, [model], backbone=model[0])
 
 
 def lightly_mocov2(args) -> LightlyLoop:
@@ -169,7 +200,7 @@ def lightly_mocov2(args) -> LightlyLoop:
             key = key_model(x1)
         return crit(model(x0), key)
     return LightlyLoop(MoCoV2Transform(input_size=32, gaussian_blur=0.0), list(model.parameters()), step,
-                       [model, key_model, crit])
+                       [model, key_model, crit], backbone=model[0])
 
 
 def lightly_byol(args) -> LightlyLoop:
@@ -197,7 +228,7 @@ def lightly_byol(args) -> LightlyLoop:
     transform = BYOLTransform(BYOLView1Transform(input_size=32, gaussian_blur=0.0),
                               BYOLView2Transform(input_size=32, gaussian_blur=0.0))
     return LightlyLoop(transform, list(online.parameters()) + list(predictor.parameters()), step,
-                       [online, predictor, target])
+                       [online, predictor, target], backbone=online[0])
 
 
 def lightly_simsiam(args) -> LightlyLoop:
@@ -216,7 +247,8 @@ def lightly_simsiam(args) -> LightlyLoop:
         p0, p1 = predictor(z0), predictor(z1)
         return 0.5 * (crit(p0, z1.detach()) + crit(p1, z0.detach()))
     return LightlyLoop(SimSiamTransform(input_size=32, gaussian_blur=0.0),
-                       list(model.parameters()) + list(predictor.parameters()), step, [model, predictor])
+                       list(model.parameters()) + list(predictor.parameters()), step, [model, predictor],
+                       backbone=model[0])
 
 
 # ------------------------------------------------------------------------------------- the table
@@ -247,7 +279,8 @@ def lightly_dino(args) -> LightlyLoop:
 
     def after_backward(i, n):
         student[1].cancel_last_layer_gradients(current_epoch=0)
-    return LightlyLoop(transform, list(student.parameters()), step, [student, teacher, crit], after_backward)
+    return LightlyLoop(transform, list(student.parameters()), step, [student, teacher, crit], after_backward,
+                       backbone=teacher[0])                  # DINO evaluates the teacher
 
 
 def lightly_mae(args) -> LightlyLoop:
@@ -349,6 +382,10 @@ def run_selfsight(args, method: str, extra: list[str]) -> dict:
             "views.size=32", "views.blur_p=0", f"data.batch_size={args.batch}",
             f"train.steps={args.warmup + args.steps}", "train.progress=false", "train.tensorboard=false",
             "train.checkpoint_every=0", f"train.log_every={args.warmup + args.steps}", f"train.precision={args.precision}"]
+    if args.knn and BENCHES[method].base == RESNET_SGD:
+        # accuracy rows: lightly's plain loop trains at a constant lr, so selfsight does too (no warm-up,
+        # the cosine floor at the peak) instead of its recipe's schedule
+        over += ["optim.warmup_epochs=0", f"optim.min_lr={0.06 * args.batch / 128}"]
     cfg = load_config(overrides=over + [e.format(workers=args.workers) for e in extra])
     import tempfile
     tr = Trainer(cfg, tempfile.mkdtemp(prefix="bench_"), dataset=rgb_fmnist())
@@ -363,8 +400,11 @@ def run_selfsight(args, method: str, extra: list[str]) -> dict:
     tr.optimizer.step = timed_step
     tr.fit()
     dt = time.perf_counter() - state["t"]
-    return {"images_per_s": args.steps * args.batch / dt, "data_wait": (tr.loader.wait - state["wait"]) / dt,
-            "peak_mb": peak_mb(tr.device.type)}
+    out = {"images_per_s": args.steps * args.batch / dt, "data_wait": (tr.loader.wait - state["wait"]) / dt,
+           "peak_mb": peak_mb(tr.device.type)}
+    if args.knn:
+        out["knn_top1"] = knn_top1(tr.model.backbone, tr.device.type, args.knn)   # DINO's: the teacher
+    return out
 
 
 def run_lightly(args, method: str) -> dict:
@@ -407,7 +447,10 @@ def run_lightly(args, method: str) -> dict:
             loop.after_backward(step, total)
         opt.step()
     dt = time.perf_counter() - t0
-    return {"images_per_s": args.steps * args.batch / dt, "data_wait": wait / dt, "peak_mb": peak_mb(device)}
+    out = {"images_per_s": args.steps * args.batch / dt, "data_wait": wait / dt, "peak_mb": peak_mb(device)}
+    if args.knn:
+        out["knn_top1"] = knn_top1(loop.backbone, device, args.knn)
+    return out
 
 
 def run_row(args, name: str) -> dict:
@@ -423,6 +466,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for per-sample augmentation")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--methods", default=",".join(BENCHES), help=f"comma-separated: {', '.join(BENCHES)}")
+    ap.add_argument("--knn", type=int, default=0, metavar="BANK",
+                    help="after training, kNN top-1 of each side's backbone on 2,000 Fashion-MNIST test images "
+                         "with BANK training images as the bank (ResNet rows; MAE has no kNN column); "
+                         "selfsight then trains at lightly's constant lr")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -437,7 +484,8 @@ def main() -> None:
         if method not in methods:
             continue
         cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch", str(args.batch), "--workers", str(args.workers), "--precision", args.precision]
+               "--batch", str(args.batch), "--workers", str(args.workers), "--precision", args.precision,
+               "--knn", str(args.knn if method != "mae" else 0)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith(ROW)]
         if not line:
@@ -448,13 +496,17 @@ def main() -> None:
     models = sorted({BENCHES[m].model for m in methods})
     print(f"\n{' / '.join(models)}, batch {args.batch}, Fashion-MNIST RGB 32 px, precision {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
-    print("| run | images/s | data wait | peak memory (MB) | vs lightly |\n|---|---|---|---|---|")
+    knn = " kNN top-1 |" if args.knn else ""
+    print(f"| run | images/s | data wait | peak memory (MB) | vs lightly |{knn}\n|---|---|---|---|---|"
+          + ("---|" if args.knn else ""))
     for name, r in rows.items():
         method = CONFIGS[name][0]
         ref = next((v["images_per_s"] for n, v in rows.items()
                     if CONFIGS[n][0] == method and CONFIGS[n][1] == "lightly"), None)
         ratio = f"{r['images_per_s'] / ref:.2f}x" if ref else "n/a"
-        print(f"| {name} | {r['images_per_s']:.0f} | {100 * r['data_wait']:.1f} % | {r['peak_mb']:.0f} | {ratio} |")
+        acc = (f" {r['knn_top1']:.4f} |" if "knn_top1" in r else " n/a |") if args.knn else ""
+        print(f"| {name} | {r['images_per_s']:.0f} | {100 * r['data_wait']:.1f} % | {r['peak_mb']:.0f} | {ratio} |"
+              + acc)
 
 
 if __name__ == "__main__":
