@@ -115,31 +115,23 @@ def rgb_fmnist():
 
 def knn_top1(backbone, device: str, bank: int) -> float:
     """kNN top-1 (k 20, T 0.07; selfsight.eval.knn) of ``backbone`` on the first 2,000 Fashion-MNIST test
-    images with the first ``bank`` training images as the bank; both sides get the same input: RGB,
-    28 -> 32 px bilinear, ImageNet normalisation (what the views are normalised with on both sides)."""
+    images with the first ``bank`` training images as the bank; both sides get the same input through
+    ``selfsight.eval.features.extract``: RGB, 28 -> 32 px bilinear, ImageNet normalisation (what the
+    views are normalised with on both sides), bf16 autocast."""
     import torch
-    import torch.nn.functional as F
-    from selfsight.data import build_dataset
+    from selfsight.data import ArrayDataset, build_dataset
+    from selfsight.eval.features import extract
     from selfsight.eval.knn import knn_accuracy
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pre = {"size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    train, test = build_dataset("fashion-mnist"), build_dataset("fashion-mnist:test")
     was_training = backbone.training
     backbone.eval()
-    torch.set_grad_enabled(False)
-
-    def feats(images):
-        out = []
-        for i in range(0, len(images), 500):
-            x = images[i:i + 500].float().expand(-1, 3, -1, -1) / 255
-            x = (F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False) - mean) / std
-            with torch.autocast(device, dtype=torch.bfloat16):
-                out.append(backbone(x.to(device)).float().cpu())
-        return torch.cat(out)
-    train, test = build_dataset("fashion-mnist"), build_dataset("fashion-mnist:test")
-    acc = knn_accuracy(feats(train.images[:bank]), train.labels[:bank], feats(test.images[:2000]), test.labels[:2000])
+    bank_f, bank_y = extract(backbone, ArrayDataset(train.images[:bank], train.labels[:bank]), pre, device, 500,
+                             workers=0, amp_dtype=torch.bfloat16)
+    test_f, test_y = extract(backbone, ArrayDataset(test.images[:2000], test.labels[:2000]), pre, device, 500,
+                             workers=0, amp_dtype=torch.bfloat16)
     backbone.train(was_training)
-    torch.set_grad_enabled(True)
-    return float(acc["top1"])
+    return float(knn_accuracy(bank_f, bank_y, test_f, test_y)["top1"])
 
 
 # ----------------------------------------------------------------------------------- lightly loops

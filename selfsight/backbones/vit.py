@@ -33,7 +33,6 @@ SIZES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224
          "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
 
 
-
 class ViTBackbone(nn.Module):
     def __init__(self, name: str = "vit_small", img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  drop_path: float = 0.0, mask_mode: str = "none", pos_embed: str = "learned", depth: int = 0,
