@@ -64,8 +64,7 @@ def main() -> None:
     if tr.channels_last:
         batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
     sched = tr.schedule(0)
-    window = {"loss": torch.zeros((), device=dev), "n": torch.zeros((), dtype=torch.long, device=dev),
-              "steps": 0, "t": time.perf_counter(), "wait": 0.0, "aug": 0.0, "skipped": 0}
+    window = tr.new_window()
 
     def step() -> None:
         tr._step(batch, sched, window)

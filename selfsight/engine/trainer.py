@@ -305,9 +305,7 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps or None, initial=self.step, dynamic_ncols=True, unit="step")
         self.model.train()
-        window = {"loss": torch.zeros((), device=self.device),       # n: finite steps, counted on the device
-                  "n": torch.zeros((), dtype=torch.long, device=self.device), "steps": 0, "t": time.perf_counter(),
-                  "wait": self.loader.wait, "aug": self.loader.augment_time, "skipped": 0}
+        window = self.new_window()
         try:
             self._loop(window, budget, bar, ck_path)
         finally:
@@ -499,6 +497,13 @@ class Trainer:
             bar.total = new_total
             bar.refresh()
 
+    def new_window(self, t: float | None = None) -> dict:
+        """The counters of one log window, started at ``t`` (now): loss and finite steps ``n`` stay on
+        the device (read at the log step); the loader's wait and augmentation clocks as they stand."""
+        return {"loss": torch.zeros((), device=self.device), "n": torch.zeros((), dtype=torch.long, device=self.device),
+                "steps": 0, "t": time.perf_counter() if t is None else t, "wait": self.loader.wait,
+                "aug": self.loader.augment_time, "skipped": 0}
+
     def _flush_window(self, w: dict, sched: dict, bar, extra: dict | None = None) -> None:
         now = time.perf_counter()
         span = max(now - w["t"], 1e-9)
@@ -528,8 +533,7 @@ class Trainer:
         if bar is not None:
             extra = {"collapse": "YES"} if warning else {}
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", wait=f"{100 * wait:.0f}%", **extra)
-        w.update(loss=torch.zeros((), device=self.device), n=torch.zeros((), dtype=torch.long, device=self.device),
-                 steps=0, t=now, wait=self.loader.wait, aug=self.loader.augment_time, skipped=0)
+        w.update(self.new_window(now))
 
 
 def _in_main_thread() -> bool:
