@@ -24,31 +24,47 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure=None):
         """``self.found_inf`` (a float tensor, set by ``step_unless_nonfinite`` as torch's fused
         optimizers take it): nonzero leaves every parameter and momentum buffer as it was, on the
-        device, without a host read."""
+        device, without a host read.
+
+        The arithmetic runs as ``torch._foreach_*`` ops over each group's tensors: on a GPU a few
+        multi-tensor kernels plus the trust scaling and the masked select per parameter (~3 kernels
+        each) instead of ~12 kernels per parameter (ResNet-50's 161 parameters took ~20 ms of GPU time
+        per step one by one on an H200; the foreach version is not yet timed there). On a CPU both
+        cost the same (2 cores: ~40 ms for ResNet-50). The trust ratios of a group are one vector."""
         loss = closure() if closure is not None else None
         found_inf = getattr(self, "found_inf", None)
         ok = None if found_inf is None else found_inf == 0
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if g["lars"]:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    p_norm, d_norm = torch.norm(p), torch.norm(dp)
-                    trust = torch.where((p_norm > 0) & (d_norm > 0), g["trust_coefficient"] * p_norm / d_norm,
-                                        torch.ones_like(p_norm))
-                    dp = dp.mul(trust)
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if g["lars"]:
+                dps = torch._foreach_add(grads, params, alpha=g["weight_decay"])
+                p_norm = torch.stack(torch._foreach_norm(params))
+                d_norm = torch.stack(torch._foreach_norm(dps))
+                trust = torch.where((p_norm > 0) & (d_norm > 0), g["trust_coefficient"] * p_norm / d_norm,
+                                    torch.ones_like(p_norm))
+                torch._foreach_mul_(dps, list(trust.to(dps[0].dtype).unbind()))
+            else:
+                dps = grads
+            mus = []
+            for p in params:
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                if ok is None:
-                    mu.mul_(g["momentum"]).add_(dp)
-                    p.add_(mu, alpha=-g["lr"])
-                else:                           # masked update: a skipped step moves nothing
-                    mu.copy_(torch.where(ok, mu * g["momentum"] + dp, mu))
-                    p.copy_(torch.where(ok, p - g["lr"] * mu, p))
+                mus.append(state["mu"])
+            if ok is None:
+                torch._foreach_mul_(mus, g["momentum"])
+                torch._foreach_add_(mus, dps)
+                torch._foreach_add_(params, mus, alpha=-g["lr"])
+            else:                               # masked update: a skipped step moves nothing (NaN-safe select)
+                new_mu = torch._foreach_mul(mus, g["momentum"])
+                torch._foreach_add_(new_mu, dps)
+                new_p = torch._foreach_add(params, new_mu, alpha=-g["lr"])
+                for mu, p, m1, p1 in zip(mus, params, new_mu, new_p):
+                    torch.where(ok, m1, mu, out=mu)
+                    torch.where(ok, p1, p, out=p)
         return loss
 
 

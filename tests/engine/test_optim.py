@@ -60,3 +60,54 @@ def test_adamw_is_fused_on_the_cpu_and_matches_the_reference_update():
             o.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_lars_matches_the_formula_over_steps_and_a_skipped_step_moves_nothing():
+    """LARS (You et al. 2017, FAIR flavour) against a per-parameter reference written from the
+    formula: dp = g + wd·p, dp *= eta·||p||/||dp|| (both norms > 0), mu = m·mu + dp, p -= lr·mu; groups
+    without ``lars``: plain momentum. Three steps (momentum carries over), then one step whose
+    gradients are NaN under ``found_inf``: parameters and momentum stay as they were."""
+    from selfsight.engine.optim import LARS, param_groups
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    with torch.no_grad():
+        net[2].weight.zero_()                       # ||p|| = 0: trust 1
+    opt = LARS(param_groups(net), lr=0.3, weight_decay=0.05, momentum=0.9, trust_coefficient=1e-3)
+    ref = {n: p.detach().clone() for n, p in net.named_parameters()}
+    mu = {n: torch.zeros_like(p) for n, p in ref.items()}
+    lars = {n for n, p in net.named_parameters() if p.ndim > 1}
+    x = torch.randn(16, 6)
+    for _ in range(3):
+        opt.zero_grad()
+        net(x).pow(2).sum().backward()
+        for n, p in net.named_parameters():
+            dp = p.grad.clone()
+            if n in lars:
+                dp = dp + 0.05 * ref[n]
+                pn, dn = ref[n].norm(), dp.norm()
+                dp = dp * (1e-3 * pn / dn if pn > 0 and dn > 0 else 1.0)
+            mu[n] = 0.9 * mu[n] + dp
+            ref[n] = ref[n] - 0.3 * mu[n]
+        opt.step()
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(p.detach(), ref[n])
+            torch.testing.assert_close(opt.state[p]["mu"], mu[n])
+    before = [(p.detach().clone(), opt.state[p]["mu"].clone()) for p in net.parameters()]
+    for p in net.parameters():
+        p.grad.fill_(float("nan"))
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    for p, (p0, mu0) in zip(net.parameters(), before):
+        assert torch.equal(p.detach(), p0) and torch.equal(opt.state[p]["mu"], mu0)
+    opt.found_inf = torch.tensor(0.0)               # the masked path, taken: the plain update
+    opt.zero_grad()
+    net(x).pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    opt.step()
+    for (n, p), (p0, mu0) in zip(net.named_parameters(), before):
+        dp = grads[n]
+        if n in lars:
+            dp = dp + 0.05 * p0
+            pn, dn = p0.norm(), dp.norm()
+            dp = dp * (1e-3 * pn / dn if pn > 0 and dn > 0 else 1.0)
+        torch.testing.assert_close(p.detach(), p0 - 0.3 * (0.9 * mu0 + dp))
