@@ -184,9 +184,15 @@ def step_flops(tr) -> float:
     return float(counter.get_total_flops())
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile made in this process so far (0: a compiled run that ran eagerly)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def timed_window(metrics: Path, warmup: int, batch: int) -> dict:
     """Steps, seconds and data-wait seconds of the metric rows after the warm-up steps."""
-    steps = seconds = wait = 0.0
+    steps = seconds = wait = aug = 0.0
     prev = 0
     for line in metrics.read_text().splitlines():
         row = json.loads(line)
@@ -196,7 +202,8 @@ def timed_window(metrics: Path, warmup: int, batch: int) -> dict:
             continue
         span = n * batch / row["images_per_s"]
         steps, seconds, wait = steps + n, seconds + span, wait + row["data_wait"] * span
-    return {"steps": steps, "seconds": seconds, "wait": wait}
+        aug += row.get("augment_share", 0.0) * span
+    return {"steps": steps, "seconds": seconds, "wait": wait, "aug": aug}
 
 
 def run_recipe(args, name: str) -> dict:
@@ -225,6 +232,7 @@ def run_recipe(args, name: str) -> dict:
             torch.cuda.reset_peak_memory_stats()
         tr.fit()
         compiled = bool(tr.compiled)            # emptied when compiling failed and the run went on eagerly
+        graphs = compiled_graphs()
         w = timed_window(run_dir / "metrics.jsonl", args.warmup, batch)
         if cuda:
             peak_gb = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -239,12 +247,13 @@ def run_recipe(args, name: str) -> dict:
     return {"recipe": name, "label": r.tiny_label if args.tiny else r.label, "family": r.family, "device": device,
             "batch": batch,
             "precision": str(tr.amp_dtype or "fp32").replace("torch.", ""),
-            "compile": bool(args.compile) and compiled,
+            "compile": bool(args.compile) and compiled and graphs > 0, "compiled_graphs": graphs,
             "compile_error": next((m for m in warnings.messages if "train.compile failed" in m),
                                   "no warning logged")
-            if args.compile and not compiled else None,
+            if args.compile and not compiled else "no graph was compiled" if args.compile and not graphs else None,
             "timed_steps": int(w["steps"]),
             "images_per_s": steps_per_s * batch, "step_ms": 1000 / steps_per_s, "data_wait": w["wait"] / w["seconds"],
+            "augment_share": w["aug"] / w["seconds"],
             "peak_mem_gb": peak_gb, "peak_mem_kind": "GPU allocated" if cuda else "process RSS",
             "gflop_per_step": flops / 1e9, "peak_tflops": peak,
             "mfu": flops * steps_per_s / (peak * 1e12) if peak else None}
@@ -253,11 +262,11 @@ def run_recipe(args, name: str) -> dict:
 # -------------------------------------------------------------------------------------- report
 
 def markdown(rows: list[dict], head: str) -> str:
-    lines = [head, "", "| recipe | batch | images/s | step ms | data wait | peak memory (GB) | GFLOP/step | MFU "
-             "| targets (MFU, data wait < 5 %) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "", "| recipe | batch | images/s | step ms | data wait | device half of the data | peak memory (GB) "
+             "| GFLOP/step | MFU | targets (MFU, data wait < 5 %) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | | FAILED: {r['error']} | | | | | | |")
+            lines.append(f"| {r['label']} | | FAILED: {r['error']} | | | | | | | |")
             continue
         label = r["label"] + (f" (compile FAILED, eager: {r['compile_error']})" if r.get("compile_error") else "")
         target = MFU_TARGET[r["family"]]
@@ -265,7 +274,7 @@ def markdown(rows: list[dict], head: str) -> str:
         ok_mfu = "n/a" if r["mfu"] is None else ("met" if r["mfu"] >= target else "missed")
         ok_wait = "met" if r["data_wait"] < WAIT_TARGET else "missed"
         lines.append(f"| {label} | {r['batch']} | {r['images_per_s']:.0f} | {r['step_ms']:.0f} | "
-                     f"{100 * r['data_wait']:.1f} % | {r['peak_mem_gb']:.1f} | {r['gflop_per_step']:.4g} | {mfu} | "
+                     f"{100 * r['data_wait']:.1f} % | {100 * r.get('augment_share', 0.0):.1f} % | {r['peak_mem_gb']:.1f} | {r['gflop_per_step']:.4g} | {mfu} | "
                      f">= {100 * target:.0f} %: {ok_mfu}; wait: {ok_wait} |")
     return "\n".join(lines)
 

@@ -5,6 +5,10 @@ below 100 % means the step is bound by the host: launches, Python, small kernels
 
     python benchmarks/profile_step.py --recipe dino_vits16 --data /tmp/jpegs --set data.cache=true
     python benchmarks/profile_step.py --tiny --recipe mae_vitb16       # CPU smoke check
+    python benchmarks/profile_step.py --recipe mae_vitb16 --compile    # + the step under train.compile
+
+``--compile`` then compiles the networks as ``train.compile=true`` does, times the first (compiling)
+step and the compiled step, and prints eager against compiled; a failure prints the whole error.
 
 Every step runs on one batch drawn once, so the loader is timed apart (``loader ms/batch``,
 the device part of the augmentation included) and the step numbers are the model's alone.
@@ -41,6 +45,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 5 warm-up steps)")
     ap.add_argument("--rows", type=int, default=25, help="rows of the profiler table")
     ap.add_argument("--tiny", action="store_true", help="tiny models and images: a CPU smoke check")
+    ap.add_argument("--compile", action="store_true", help="also time the step compiled (train.compile)")
     args = ap.parse_args()
     r = RECIPES[args.recipe]
     data = args.data or make_jpeg_folder(tempfile.mkdtemp(prefix="profile_jpegs_"), 64 if args.tiny else 512,
@@ -121,7 +126,39 @@ def main() -> None:
     busy = f"{100 * kernel_s / wall:.0f} %" if kernel_s == kernel_s else "n/a"
     print(f"| {loader_ms:.1f} | {step_ms:.1f} | {1000 * phases['forward']:.1f} | {1000 * phases['backward']:.1f} | "
           f"{1000 * phases['rest']:.1f} | {busy} |")
-    print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+    if args.rows:
+        print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+    if args.compile:
+        compiled_step(tr, step, step_ms, args.steps, dev)
+
+
+def compiled_step(tr, step, eager_ms: float, steps: int, dev) -> None:
+    """Compile the trainer's networks in place (``train.compile``), then time the compiling step and
+    the compiled step against the eager one; a failure prints its whole traceback."""
+    import traceback
+    from selfsight.engine.compile import compile_model
+    names = compile_model(tr.model)
+    _sync(dev)
+    t0 = time.perf_counter()
+    try:
+        step()
+        step()                                  # the first backward compiles in the second step's graph too
+        _sync(dev)
+    except Exception:
+        print(f"\ncompile FAILED ({', '.join(names)}):")
+        traceback.print_exc(file=sys.stdout)
+        return
+    first_s = time.perf_counter() - t0
+    for _ in range(3):
+        step()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(dev)
+    ms = (time.perf_counter() - t0) / steps * 1000
+    print(f"\ncompiled ({', '.join(names)}): first two steps {first_s:.1f} s, step {ms:.1f} ms against "
+          f"{eager_ms:.1f} ms eager: {eager_ms / ms:.2f}x")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ class DataConfig:
     batch_size: int = 256              # GLOBAL batch (all processes together)
     workers: int = -1                  # DataLoader workers per process; -1 = auto
     device_augment: str = "auto"       # auto|on: arrays batched on the device, folders/shards hybrid; off: per sample
+    decode: str = "workers"            # workers: JPEGs decoded by DataLoader workers; device: by the GPU (nvJPEG), folders
+    prefetch: int = 2                  # arrays (built-in sets, data.cache) on a GPU: batches gathered ahead in a thread; 0 = off
     download: bool = True              # built-in sets missing locally are downloaded by torchvision
     cache: Any = False                 # folders: pre-decoded uint8 memmap cache: false | true | auto (docs/data.md)
     cache_size: int = 0                # px of the cached squares; 0 = the view size (smaller images: their own)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from selfsight.augment.batched import sample_crop_boxes
 from selfsight.augment.views import ViewRecipe
+from selfsight.data.images import EncodedJPEG, decode_image
 
 _MASK = (1 << 63) - 1
 
@@ -43,19 +44,124 @@ class WorkerCrops:
         for i, r in enumerate(self.views):
             self.groups.setdefault((tuple(r.crop_scale), tuple(r.crop_ratio)), []).append(i)
 
-    def __call__(self, image: Image.Image, seed: int) -> list[torch.Tensor]:
+    def boxes(self, height: int, width: int, seed: int) -> torch.Tensor:
+        """The crop box (x0, y0, x1, y1), x1 and y1 exclusive, of every view: V×4 long."""
+        g = torch.Generator().manual_seed(seed)
+        out = torch.empty(len(self.views), 4, dtype=torch.long)
+        for (scale, ratio), members in self.groups.items():
+            out[members] = sample_crop_boxes(len(members), height, width, scale, ratio, g).long()
+        return out
+
+    def __call__(self, image: "Image.Image | EncodedJPEG", seed: int) -> "list[torch.Tensor] | dict":
+        """The uint8 crops of ``image``; for an undecoded JPEG (``data.decode=device``) its bytes and
+        the boxes instead, ``{"jpeg": bytes as uint8, "boxes": V×4}``: the same boxes as decoded."""
+        if isinstance(image, EncodedJPEG):
+            return {"jpeg": image.data, "boxes": self.boxes(image.height, image.width, seed)}
         if image.mode != self.mode:
             image = image.convert(self.mode)
-        g = torch.Generator().manual_seed(seed)
         pixels = TF.pil_to_tensor(image)[None]               # 1×C×H×W uint8, channels-last memory
         h, w = pixels.shape[-2:]
-        boxes: list = [None] * len(self.views)
-        for (scale, ratio), members in self.groups.items():
-            for i, box in zip(members, sample_crop_boxes(len(members), h, w, scale, ratio, g).long().tolist()):
-                boxes[i] = box
         out = []
-        for r, (x0, y0, x1, y1) in zip(self.views, boxes):
+        for r, (x0, y0, x1, y1) in zip(self.views, self.boxes(h, w, seed).tolist()):
             crop = F.interpolate(pixels[..., y0:y1, x0:x1], size=(r.size, r.size), mode="bilinear",
                                  antialias=True, align_corners=False)
             out.append(crop[0].contiguous())                 # uint8 C×S×S
         return out
+
+
+class DeviceJPEGDecoder:
+    """Decodes lists of JPEGs on ``device`` with ``torchvision.io.decode_jpeg`` (nvJPEG on a GPU,
+    libjpeg-turbo on a CPU), safely beside a training step that is still running.
+
+    On a GPU torchvision's decoder writes its outputs, allocated on the caller's stream, from a
+    stream of its own that does not wait for the caller's queued kernels, and nvJPEG's hardware
+    engine does not honour stream order either: the caching allocator may hand it memory that
+    those kernels are still reading, which it then overwrites (wrong numbers, NaN or a device-side
+    assert far from the decoder; pytorch/vision PR 9606, meta-pytorch/torchcodec PR 1634; an MAE
+    run here hit the assert). So the decode runs with a stream of this class current: its outputs
+    come from that stream's pool, which holds only earlier decode outputs, and each output is
+    marked used by the training stream (``record_stream``), so the allocator hands a block to the
+    decoder again only once the training stream's kernels that read it have finished. The input
+    bytes are kept until the next call, when the decoder has synchronised its own stream.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._inputs: list[torch.Tensor] = []
+
+    def __call__(self, jpegs: list[torch.Tensor]) -> list["torch.Tensor | None"]:
+        """J × 3×H×W uint8 on the device, None for a file no decoder could read."""
+        if self.stream is None:
+            return _decode_all(jpegs, self.device)
+        training = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            images = _decode_all(jpegs, self.device)
+        training.wait_stream(self.stream)
+        for img in images:
+            if img is not None:
+                img.record_stream(training)
+        self._inputs = jpegs
+        return images
+
+
+def _decode_all(jpegs: list[torch.Tensor], device: torch.device) -> list["torch.Tensor | None"]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+    try:
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)      # J × 3×H×W uint8
+    except RuntimeError as e:               # one bad file fails the whole batch: decode one by one
+        _reraise_device_errors(e)
+        return [_decode_one(j, device) for j in jpegs]
+
+
+def _reraise_device_errors(error: RuntimeError) -> None:
+    """A broken device (a sticky CUDA error from any earlier kernel) is not a broken file."""
+    if isinstance(error, getattr(torch, "AcceleratorError", ())):
+        raise error
+
+
+def decode_and_crop(jpegs: list[torch.Tensor], boxes: torch.Tensor, views: list[ViewRecipe],
+                    decoder: DeviceJPEGDecoder) -> tuple[list[torch.Tensor], int]:
+    """``data.decode=device``: decode J JPEGs on the training device (``decoder``) and cut every
+    view's box out of each.
+
+    jpegs: J × (bytes as 1-D uint8, CPU); boxes: J×V×4 (x0, y0, x1, y1), as ``WorkerCrops.boxes``.
+    Returns V float tensors J×3×S×S in [0, 1] and the number of images that no decoder could read
+    (each replaced by another image of the batch, so the batch keeps its size; the caller counts
+    them as skipped). Crop and resize: ``roi_align`` per image, one call per view size, as the
+    uint8 cache's device crops (``resized_crop``): area-averaged bilinear samples, edges replicated.
+    """
+    from torchvision.ops import roi_align
+    device = decoder.device
+    images = decoder(jpegs)
+    bad = sum(img is None for img in images)
+    if bad == len(images):
+        raise RuntimeError(f"none of the {len(images)} JPEGs of this batch could be decoded")
+    good = next(img for img in images if img is not None)
+    images = [(good if img is None else img)[None].float() for img in images]    # J × 1×3×H×W
+    by_size: dict[int, list[int]] = {}
+    for v, r in enumerate(views):
+        by_size.setdefault(r.size, []).append(v)
+    out: list = [None] * len(views)
+    for size, members in by_size.items():
+        b = boxes[:, members].float()                                        # J×k×4
+        rois = torch.cat([torch.zeros(*b.shape[:2], 1), b], 2).to(device, non_blocking=True)   # J×k×5
+        crops = torch.stack([roi_align(img, rois[j], (size, size), spatial_scale=1.0,
+                                       sampling_ratio=-1, aligned=True) for j, img in enumerate(images)])
+        crops = crops.div_(255.0).clamp_(0.0, 1.0)                           # J×k×3×S×S
+        for i, v in enumerate(members):
+            out[v] = crops[:, i]
+    return out, bad
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> "torch.Tensor | None":
+    """One JPEG on ``device``, else on the CPU with PIL (then moved); None when neither can read it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as e:
+        _reraise_device_errors(e)
+    try:
+        return TF.pil_to_tensor(decode_image(data.numpy().tobytes(), "<jpeg>")).to(device)
+    except (ValueError, OSError):
+        return None

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from selfsight.data.images import IMAGE_EXTENSIONS, BrokenImageError, load_image
+from selfsight.data.images import IMAGE_EXTENSIONS, BrokenImageError, load_image, load_image_or_jpeg
 
 __all__ = ["ImageFolder", "default_cache_dir"]
 
@@ -67,6 +67,7 @@ class ImageFolder(Dataset):
         self._real_root = os.path.realpath(self.root)
         self.transform = transform
         self.follow_symlinks = follow_symlinks
+        self.undecoded_jpegs = False    # data.decode=device: colour JPEGs come back as EncodedJPEG
         if not os.path.exists(self.root):
             raise ValueError(f"image folder {self.root} does not exist")
         if not os.path.isdir(self.root):
@@ -152,7 +153,7 @@ class ImageFolder(Dataset):
         # a link that left the root after indexing (a reused cache, a changed link) is not read
         if not self.follow_symlinks and not _inside(os.path.realpath(path), self._real_root):
             raise BrokenImageError(path, "resolves outside the data root (follow_symlinks=False)")
-        return load_image(path)
+        return load_image_or_jpeg(path) if self.undecoded_jpegs else load_image(path)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "MAX_PIXELS", "BrokenImageError", "decode_image", "is_image_file", "load_image", "to_rgb",
+    "IMAGE_EXTENSIONS", "MAX_PIXELS", "BrokenImageError", "EncodedJPEG", "decode_image", "is_image_file", "load_image",
+    "load_image_or_jpeg", "to_rgb",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -55,6 +56,41 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         if os.fstat(f.fileno()).st_size == 0:
             raise BrokenImageError(path, "zero-byte file")
         return _decode(f, path)
+
+
+class EncodedJPEG:
+    """The bytes of a colour JPEG left undecoded for the training device (``data.decode=device``),
+    with its size read from the header: ``data`` (1-D uint8 tensor), ``width``, ``height``."""
+
+    def __init__(self, data: bytes, width: int, height: int):
+        import torch
+        self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.width, self.height = width, height
+
+
+def load_image_or_jpeg(path: str | os.PathLike) -> "Image.Image | EncodedJPEG":
+    """``load_image``, except that a complete 3-channel (YCbCr) JPEG comes back undecoded as an
+    ``EncodedJPEG`` once its header has been read and checked: the training device decodes it
+    (nvJPEG). Anything else (PNG, grey or CMYK JPEGs, a JPEG without its end marker, which is
+    how a truncated file looks) is decoded here as ``load_image`` does, so a broken file is still
+    found and skipped in the worker."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise BrokenImageError(path, "zero-byte file")
+    if data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                head = Image.open(io.BytesIO(data))
+                _check_pixels(path, head.size)
+                if head.format == "JPEG" and head.mode == "RGB":
+                    return EncodedJPEG(data, *head.size)
+        except BrokenImageError:
+            raise
+        except Exception:       # left to the full decode below, which names the problem
+            pass
+    return _decode(io.BytesIO(data), path)
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:

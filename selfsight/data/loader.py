@@ -11,6 +11,8 @@ and crop (``WorkerCrops``, uint8, seeded per sample), the training device does t
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from typing import Iterator
 
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader
 import torchvision.transforms.v2.functional as TF
 
 from selfsight.augment import BatchedViews, ViewRecipe, build_per_sample_views
-from selfsight.augment.crops import WorkerCrops, sample_seed
+from selfsight.augment.crops import DeviceJPEGDecoder, WorkerCrops, decode_and_crop, sample_seed
 from selfsight.data.arrays import ArrayDataset
 from selfsight.data.shards import ShardDataset
 from selfsight.faults import maybe_crash
@@ -130,9 +132,72 @@ class _Regroup:
 
 
 def _stack_views(items: list[dict]) -> dict:
-    views = [torch.stack(v) for v in zip(*(it["image"] for it in items))]
-    return {"views": views, "label": torch.tensor([it["label"] for it in items]),
-            "skipped": sum(it["skipped"] for it in items)}
+    """Worker crops -> ``views`` (V × B×C×S×S uint8). With ``data.decode=device`` some items are
+    undecoded JPEGs (``{"jpeg", "boxes"}``): then ``views`` holds the K decoded items, at
+    ``decoded_index``, and the others go to the device as ``jpeg`` (their bytes end to end),
+    ``jpeg_sizes``, ``boxes`` (J×V×4) and ``jpeg_index``."""
+    batch = {"label": torch.tensor([it["label"] for it in items]), "skipped": sum(it["skipped"] for it in items)}
+    encoded = [i for i, it in enumerate(items) if isinstance(it["image"], dict)]
+    if not encoded:
+        batch["views"] = [torch.stack(v) for v in zip(*(it["image"] for it in items))]
+        return batch
+    decoded = [i for i, it in enumerate(items) if not isinstance(it["image"], dict)]
+    batch["views"] = [torch.stack(v) for v in zip(*(items[i]["image"] for i in decoded))] if decoded else []
+    batch["decoded_index"] = torch.tensor(decoded, dtype=torch.long)
+    # one buffer (one shared-memory segment to the main process, not one per image) and the lengths
+    batch["jpeg"] = torch.cat([items[i]["image"]["jpeg"] for i in encoded])
+    batch["jpeg_sizes"] = torch.tensor([len(items[i]["image"]["jpeg"]) for i in encoded], dtype=torch.long)
+    batch["boxes"] = torch.stack([items[i]["image"]["boxes"] for i in encoded])         # J×V×4
+    batch["jpeg_index"] = torch.tensor(encoded, dtype=torch.long)
+    return batch
+
+
+def prefetched(source: Iterator[dict], depth: int = 2, pin: bool = False) -> Iterator[dict]:
+    """``source``'s items, made up to ``depth`` ahead in a background thread (torch's indexing and
+    copies release the GIL); ``pin``: the items' tensors are copied into pinned memory there. An
+    error in the thread is raised here; closing this generator stops the thread."""
+    items: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in source:
+                if pin:
+                    item = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as e:      # handed to the consumer
+            put(_Failure(e))
+
+    thread = threading.Thread(target=run, name="selfsight-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is end:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 class ViewLoader:
@@ -144,13 +209,15 @@ class ViewLoader:
     """
 
     def __init__(self, dataset, recipe: ViewRecipe, global_batch: int, device: torch.device, rank: int = 0,
-                 world: int = 1, seed: int = 0, workers: int = -1, device_augment: str = "auto"):
+                 world: int = 1, seed: int = 0, workers: int = -1, device_augment: str = "auto",
+                 decode: str = "workers", prefetch: int = 2):
         if global_batch % world:
             raise ValueError(f"data.batch_size={global_batch} must be divisible by the {world} processes")
         if len(dataset) < global_batch:
             raise ValueError(f"the data set has {len(dataset)} images, fewer than one batch of {global_batch}: "
                              f"lower data.batch_size")
         self.dataset, self.recipe, self.device = dataset, recipe, device
+        self.prefetch = prefetch      # arrays on a GPU: batches gathered ahead into pinned memory (0: none)
         self.global_batch, self.rank, self.world, self.seed = global_batch, rank, world, seed
         self.steps_per_epoch = len(dataset) // global_batch
         # batched: in-memory arrays, the whole recipe on the device; hybrid: folders and shards,
@@ -173,6 +240,9 @@ class ViewLoader:
             else:
                 if hasattr(dataset, "transform"):
                     dataset.transform = None
+                if decode == "device":          # colour JPEGs reach the device undecoded
+                    dataset.undecoded_jpegs = True
+                    self.jpeg_decoder = DeviceJPEGDecoder(device)
                 self.dataset = _Cropped(dataset, crops, seed)
         elif self.mode == "per_sample":
             per_sample = build_per_sample_views(recipe, channels=channels)
@@ -182,6 +252,12 @@ class ViewLoader:
                 self.dataset = _PerSample(dataset, per_sample)
             else:
                 dataset.transform = per_sample
+        if decode == "device" and not (self.mode == "hybrid" and hasattr(dataset, "undecoded_jpegs")):
+            raise ValueError(
+                "data.decode=device decodes the JPEGs of an image folder on the hybrid path (a folder on a GPU, or "
+                f"data.device_augment=on); this run's data ({type(dataset).__name__}, path {self.mode}) is decoded "
+                "elsewhere: leave data.decode=workers" + (" (data.cache=true never decodes after the first pass)"
+                                                          if self.mode == "batched" else ""))
         self.workers = (0 if self.batched else default_workers(device, world)) if workers < 0 else workers
         self._loader = self._sampler = None       # map-style worker path: one DataLoader, workers kept
         self.wait = 0.0
@@ -208,16 +284,24 @@ class ViewLoader:
                 raise RuntimeError(f"the shards {self.dataset.spec} hold no readable image for rank {self.rank}")
             pass_ += 1
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
+    def raw_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """This rank's batches of one epoch as the source gives them, before anything runs on the
+        device: uint8 crops on the hybrid path, images on the batched one, finished views otherwise
+        (``epoch`` finishes them; ``benchmarks/loader_throughput.py`` times this part alone)."""
         if self.streaming:
-            source = self._stream(epoch, start)
-        else:
-            sampler = _BatchSampler(len(self.dataset), self.global_batch, self.rank, self.world, epoch, self.seed,
-                                    start, keyed=self.mode == "hybrid")
+            return self._stream(epoch, start)
+        sampler = _BatchSampler(len(self.dataset), self.global_batch, self.rank, self.world, epoch, self.seed,
+                                start, keyed=self.mode == "hybrid")
         if self.batched:
-            source = (self.dataset.__getitems__(idx) for idx in sampler)
-        elif not self.streaming:
-            source = iter(self._worker_loader(sampler))
+            batches = (self.dataset.__getitems__(idx) for idx in sampler)
+            # on a GPU the gather (a memory-mapped cache: ~50 MB per batch of 256 × 3×256×256) and the
+            # copy into pinned memory run in a thread, ahead of the step, and the upload is asynchronous
+            return prefetched(batches, self.prefetch, pin=True) if self.device.type == "cuda" and self.prefetch \
+                else batches
+        return iter(self._worker_loader(sampler))
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        source = self.raw_batches(epoch, start)
         step = start
         while True:
             t0 = time.perf_counter()
@@ -233,9 +317,9 @@ class ViewLoader:
                          "skipped": raw["skipped"]}
                 self.augment_time += time.perf_counter() - t1
             elif self.mode == "hybrid":            # uint8 worker crops -> flip, colour, normalize on the device
-                views = self.views.finish_views([v.to(self.device, non_blocking=True) for v in raw["views"]],
-                                                self.view_recipes)
-                batch = {"views": views, "label": raw["label"].to(self.device), "skipped": raw["skipped"]}
+                crops, bad = self._device_crops(raw)
+                views = self.views.finish_views(crops, self.view_recipes)
+                batch = {"views": views, "label": raw["label"].to(self.device), "skipped": raw["skipped"] + bad}
                 self.augment_time += time.perf_counter() - t1
             else:
                 batch = {"views": [v.to(self.device, non_blocking=True) for v in raw["views"]],
@@ -247,6 +331,26 @@ class ViewLoader:
             maybe_crash(epoch * self.steps_per_epoch + step, self.rank)     # test hook (SELFSIGHT_TEST_CRASH)
             step += 1
             yield batch
+
+    def _device_crops(self, raw: dict) -> tuple[list[torch.Tensor], int]:
+        """The hybrid batch's crops on the device: the workers' uint8 crops, plus (``data.decode=
+        device``) the JPEGs decoded and cropped here; returns them and the JPEGs no decoder read."""
+        views = [v.to(self.device, non_blocking=True) for v in raw["views"]]
+        if "jpeg" not in raw:
+            return views, 0
+        jpegs = list(torch.split(raw["jpeg"], raw["jpeg_sizes"].tolist()))
+        crops, bad = decode_and_crop(jpegs, raw["boxes"], self.view_recipes, self.jpeg_decoder)
+        if not views:                       # every image of the batch was a JPEG decoded here
+            return crops, bad
+        at_jpeg = raw["jpeg_index"].to(self.device, non_blocking=True)
+        at_decoded = raw["decoded_index"].to(self.device, non_blocking=True)
+        out = []
+        for crop, view in zip(crops, views):
+            full = crop.new_empty((len(raw["label"]), *crop.shape[1:]))
+            full.index_copy_(0, at_jpeg, crop)
+            full.index_copy_(0, at_decoded, view.float().div_(255.0))
+            out.append(full)
+        return out, bad
 
     def _worker_loader(self, sampler: _BatchSampler) -> DataLoader:
         """One DataLoader for the whole run whose workers outlive the epoch (``persistent_workers``):

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -112,7 +113,8 @@ class Trainer:
         if dataset is None:         # data.cache: a folder becomes a memory-mapped uint8 array (decoded once)
             self.dataset = maybe_cache(self.dataset, cfg.data, self.recipe, channels, progress=t.progress)
         self.loader = ViewLoader(self.dataset, self.recipe, cfg.data.batch_size, self.device, self.rank, self.world,
-                                 t.seed, cfg.data.workers, cfg.data.device_augment)
+                                 t.seed, cfg.data.workers, cfg.data.device_augment, cfg.data.decode,
+                                 cfg.data.prefetch)
         self.model = build_method(cfg, channels, self.recipe.size, backbone).to(self.device)
         if hasattr(self.model, "make_masker"):          # masked image modeling: masks drawn with each batch
             self.loader.masker = self.model.make_masker()
@@ -430,9 +432,19 @@ class Trainer:
             self._step(batch, sched, window)
 
     def _compile_failed(self, error: Exception) -> None:
+        """Warn in one line; the whole error (compiler errors run to pages) goes to RUN/compile_error.txt."""
         self.compiled = []
         reason = (str(error).strip().splitlines() or [""])[0][:200]
-        log.warning("train.compile failed (%s: %s); the run continues uncompiled (eager)", type(error).__name__, reason)
+        where = ""
+        if is_main():
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "compile_error.txt").write_text("".join(traceback.format_exception(error)))
+                where = f"; the full error is in {self.run_dir / 'compile_error.txt'}"
+            except OSError:
+                pass
+        log.warning("train.compile failed (%s: %s); the run continues uncompiled (eager)%s",
+                    type(error).__name__, reason, where)
 
     def _read_counters(self, ck_path: Path) -> None:
         """The non-finite counters read on the host (log and checkpoint steps, the last step): a

@@ -32,6 +32,18 @@ def test_timed_window_skips_warmup_and_weights_rows_by_their_steps(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     w = gt.timed_window(path, warmup=2, batch=10)
     assert w["steps"] == 3 and w["seconds"] == pytest.approx(3.0) and w["wait"] == pytest.approx(0.5)
+    assert w["aug"] == 0.0                                            # rows without augment_share
+
+
+def test_loader_throughput_counts_the_images_the_workers_deliver(tmp_path):
+    import loader_throughput as lt
+    from selfsight.config import load_config
+    root = gt.make_jpeg_folder(str(tmp_path / "jpegs"), 48, 64, 96, procs=1)
+    cfg = load_config(overrides=gt.RECIPES["simclr_r50"].tiny + [f"data.train={root}", "data.batch_size=8",
+                                                                 "views.preset=imagenet"])
+    assert lt.images_per_s(cfg, 1, 3) > 0                             # 1 worker: 1 warm-up + 3 timed batches
+    with pytest.raises(SystemExit, match="fewer than"):
+        lt.images_per_s(cfg, 4, 3)                                    # 6 batches < 4 warm-up + 3 timed
 
 
 def test_jpeg_folder_is_real_images_the_folder_dataset_reads(tmp_path, monkeypatch):

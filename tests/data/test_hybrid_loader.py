@@ -152,3 +152,88 @@ def test_workers_outlive_the_epoch(fmnist_small):
     assert pids[0] == pids[1] and len(pids[0]) == 2 and os.getpid() not in pids[0]
     order = [torch.cat(labels) % 100 for labels in epochs]
     assert not torch.equal(order[0], order[1])
+
+
+def test_jpegs_decoded_on_the_device_give_the_workers_crops(photo_folder, tmp_path, one_thread):
+    """data.decode=device: workers send a JPEG's bytes and its crop boxes, the device decodes and
+    crops (roi_align); the same boxes as the worker path, so the views agree up to the resize filter."""
+    plain = ViewRecipe(size=24, flip_p=0.0, jitter_p=0.0, gray_p=0.0, mean=(0, 0, 0), std=(1, 1, 1),
+                       local_crops=1, local_size=12, local_blur_p=0.0)
+    workers = ViewLoader(ImageFolder(photo_folder, cache_dir=tmp_path), plain, 8, CPU, seed=3, workers=0,
+                         device_augment="on")
+    device = ViewLoader(ImageFolder(photo_folder, cache_dir=tmp_path), plain, 8, CPU, seed=3, workers=2,
+                        device_augment="on", decode="device")
+    raw = next(device.raw_batches(1))
+    assert len(raw["jpeg_sizes"]) == 8 and raw["boxes"].shape == (8, 3, 4) and raw["views"] == []   # nothing decoded
+    assert raw["jpeg"].dim() == 1 and len(raw["jpeg"]) == int(raw["jpeg_sizes"].sum())
+    for a, b in zip(workers.epoch(1), device.epoch(1)):
+        assert torch.equal(a["label"], b["label"]) and b["skipped"] == 0
+        for u, v in zip(a["views"], b["views"]):
+            assert u.shape == v.shape
+            assert (u - v).abs().mean() < 0.02 and torch.corrcoef(torch.stack([u.flatten(), v.flatten()]))[0, 1] > 0.97
+
+
+def test_device_decode_mixes_with_files_the_workers_decode(photo_folder, tmp_path):
+    """PNGs, grey JPEGs and truncated JPEGs stay with the workers (decoded, or found broken and
+    skipped); the batch keeps its order and a broken file is counted."""
+    from PIL import Image
+    root = tmp_path / "data"
+    shutil.copytree(photo_folder, root)
+    src = Image.open(next(root.glob("c0/*.jpg"))).convert("RGB")
+    src.save(root / "c0" / "png.png")
+    src.convert("L").save(root / "c1" / "grey.jpg")
+    whole = (root / "c1" / "grey.jpg").read_bytes()
+    (root / "c1" / "cut.jpg").write_bytes((next(root.glob("c0/*.jpg"))).read_bytes()[:2000])    # no end marker
+    ds = ImageFolder(root, cache_dir=tmp_path / "cache")
+    assert len(ds) == 19 and whole[-2:] == b"\xff\xd9"
+    plain = ViewRecipe(size=16, flip_p=0.0, jitter_p=0.0, gray_p=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+    loader = ViewLoader(ds, plain, 19, CPU, workers=0, device_augment="on", decode="device")
+    raw = next(loader.raw_batches(0))
+    # the png and the grey JPEG are decoded by the workers; so is the cut file's stand-in (the next index) if it is one
+    assert len(raw["jpeg_sizes"]) + raw["decoded_index"].numel() == 19 and raw["skipped"] == 1
+    assert raw["decoded_index"].numel() >= 2 and len(raw["jpeg_sizes"]) >= 15
+    batch = next(loader.epoch(0))
+    assert batch["skipped"] == 1 and batch["views"][0].shape == (19, 3, 16, 16)
+    reference = next(ViewLoader(ImageFolder(root, cache_dir=tmp_path / "cache"), plain, 19, CPU, workers=0,
+                                device_augment="on").epoch(0))
+    assert torch.equal(batch["label"], reference["label"])
+    at = raw["decoded_index"]                   # the worker-decoded images: exactly the worker path's crops
+    assert torch.equal(batch["views"][0][at], reference["views"][0][at])
+
+
+def test_device_decode_replaces_and_counts_what_no_decoder_reads(photo_folder):
+    from selfsight.augment.crops import DeviceJPEGDecoder, decode_and_crop
+    good = torch.frombuffer(bytearray(next(photo_folder.glob("c0/*.jpg")).read_bytes()), dtype=torch.uint8)
+    bad = torch.frombuffer(bytearray(b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"), dtype=torch.uint8)
+    boxes = torch.tensor([[[0, 0, 100, 100]], [[10, 10, 50, 50]]])
+    views, failed = decode_and_crop([good, bad], boxes, [ViewRecipe(size=8)], DeviceJPEGDecoder(CPU))
+    assert failed == 1 and views[0].shape == (2, 3, 8, 8) and torch.isfinite(views[0]).all()
+    with pytest.raises(RuntimeError, match="none of the 1 JPEGs"):
+        decode_and_crop([bad], boxes[:1], [ViewRecipe(size=8)], DeviceJPEGDecoder(CPU))
+
+
+def test_device_decode_needs_a_folder_on_the_hybrid_path(fmnist_small):
+    with pytest.raises(ValueError, match="data.decode=device.*data.cache=true never decodes"):
+        ViewLoader(fmnist_small, ViewRecipe(size=16, mean=(0.5,), std=(0.5,)), 32, CPU, decode="device")
+
+
+def test_prefetched_keeps_order_raises_errors_and_stops_when_closed():
+    import threading
+    from selfsight.data.loader import prefetched
+    made = []
+
+    def source(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise OSError("disk gone")
+            made.append(i)
+            yield {"image": torch.full((2,), i), "skipped": 0}
+    assert [int(b["image"][0]) for b in prefetched(source(7), 2)] == list(range(7))
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetched(source(5, fail_at=3)))
+    made.clear()
+    it = prefetched(source(1000), 2)
+    next(it)
+    it.close()                                  # the consumer stops early: so does the thread
+    assert not any(t.name == "selfsight-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(made) <= 5

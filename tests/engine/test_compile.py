@@ -86,5 +86,6 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(tmp_path, fmnist
     warnings = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
     assert res["steps"] == 3 and len(warnings) == 1 and "\n" not in warnings[0]
     assert "simulated compiler failure" in warnings[0] and "continues uncompiled" in warnings[0]
+    assert "second line of a long traceback" in (tmp_path / "compiled" / "compile_error.txt").read_text()
     # the failed first step was rolled back and re-run eagerly: the same losses as an eager run
     assert losses(tmp_path / "compiled") == losses(tmp_path / "eager")
