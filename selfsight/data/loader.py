@@ -229,6 +229,13 @@ class ViewLoader:
             "hybrid" if device_augment == "on" or device.type != "cpu" else "per_sample"
         self.batched = self.mode == "batched"
         self.streaming = isinstance(dataset, ShardDataset)
+        if decode == "device" and not (self.mode == "hybrid" and not self.streaming
+                                       and hasattr(dataset, "undecoded_jpegs")):
+            raise ValueError(
+                "data.decode=device decodes the JPEGs of an image folder on the hybrid path (a folder on a GPU, or "
+                f"data.device_augment=on); this run's data ({type(dataset).__name__}, path {self.mode}) is decoded "
+                "elsewhere: leave data.decode=workers" + (" (data.cache=true never decodes after the first pass)"
+                                                          if self.mode == "batched" else ""))
         self.generator = torch.Generator().manual_seed(seed * 7919 + rank)
         self.views = BatchedViews(recipe, self.generator)
         self.view_recipes = [recipe.for_view(i) for i in range(recipe.total_views)]
@@ -252,12 +259,6 @@ class ViewLoader:
                 self.dataset = _PerSample(dataset, per_sample)
             else:
                 dataset.transform = per_sample
-        if decode == "device" and not (self.mode == "hybrid" and hasattr(dataset, "undecoded_jpegs")):
-            raise ValueError(
-                "data.decode=device decodes the JPEGs of an image folder on the hybrid path (a folder on a GPU, or "
-                f"data.device_augment=on); this run's data ({type(dataset).__name__}, path {self.mode}) is decoded "
-                "elsewhere: leave data.decode=workers" + (" (data.cache=true never decodes after the first pass)"
-                                                          if self.mode == "batched" else ""))
         self.workers = (0 if self.batched else default_workers(device, world)) if workers < 0 else workers
         self._loader = self._sampler = None       # map-style worker path: one DataLoader, workers kept
         self.wait = 0.0

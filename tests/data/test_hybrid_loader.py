@@ -212,9 +212,25 @@ def test_device_decode_replaces_and_counts_what_no_decoder_reads(photo_folder):
         decode_and_crop([bad], boxes[:1], [ViewRecipe(size=8)], DeviceJPEGDecoder(CPU))
 
 
-def test_device_decode_needs_a_folder_on_the_hybrid_path(fmnist_small):
+def test_device_decode_needs_a_folder_on_the_hybrid_path(fmnist_small, photo_folder, tmp_path):
+    recipe = ViewRecipe(size=16, mean=(0.5,), std=(0.5,))
     with pytest.raises(ValueError, match="data.decode=device.*data.cache=true never decodes"):
-        ViewLoader(fmnist_small, ViewRecipe(size=16, mean=(0.5,), std=(0.5,)), 32, CPU, decode="device")
+        ViewLoader(fmnist_small, recipe, 32, CPU, decode="device")
+
+    class Tensors(torch.utils.data.Dataset):       # a map-style source of decoded images: nothing to decode
+        channels = 1
+
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return {"image": fmnist_small.images[i], "label": 0, "skipped": 0}
+    with pytest.raises(ValueError, match="Tensors, path hybrid"):
+        ViewLoader(Tensors(), recipe, 32, CPU, device_augment="on", decode="device")
+    folder = ImageFolder(photo_folder, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="path per_sample"):    # a CPU-only run keeps folders per sample
+        ViewLoader(folder, ViewRecipe(size=16), 8, CPU, decode="device")
+    assert not folder.undecoded_jpegs                           # nothing was switched before the error
 
 
 def test_prefetched_keeps_order_raises_errors_and_stops_when_closed():
