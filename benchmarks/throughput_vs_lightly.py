@@ -27,7 +27,8 @@ sides, as selfsight's small preset).
   and ``BYOLTransform(BYOLView1Transform(32, gaussian_blur=0), BYOLView2Transform(32,
   gaussian_blur=0))`` (its defaults are the same jitter, crop, grayscale and solarize values).
   Left unmatched, no cost difference: the loss scale (selfsight 2 - 2cos summed over the two
-  directions, lightly -cos averaged), where the EMA sits in the step (selfsight after the
+  directions, lightly -cos averaged: 4x the gradient; the ``--knn`` rows train selfsight at a
+  quarter of the lr and 4x the weight decay, the same SGD updates as lightly's), where the EMA sits in the step (selfsight after the
   optimizer step, lightly's example before the forward) and which Linear of each MLP has the
   bias (selfsight: the hidden one, as the official code; lightly: the output one).
 * SimSiam: 3-layer projector 512-512-512 (hidden = the backbone width, as the official code;
@@ -326,6 +327,10 @@ class Bench:
     selfsight_rows: dict[str, list[str]] = field(default_factory=lambda: {"": []})
     base: list[str] = field(default_factory=lambda: list(RESNET_SGD))    # model and optimizer overrides
     model: str = "resnet18"
+    # selfsight's loss gradient over lightly's loop's (BYOL: 2 - 2cos summed over both directions
+    # against -cos averaged: 4); the --knn rows divide selfsight's lr and multiply its weight decay
+    # by it, which makes its SGD updates those of lightly's loop exactly
+    loss_scale: float = 1.0
 
 
 BENCHES = {
@@ -340,7 +345,7 @@ BENCHES = {
                      " (no shuffle-BN, as lightly's loop)": ["method.shuffle_bn=false", "method.bn_splits=1"]}),
     "byol": Bench("BYOL", ["method.name=byol", f"method.hidden_dim={BYOL_HIDDEN}", f"method.dim={BYOL_DIM}",
                            f"method.momentum={BYOL_MOMENTUM}", "method.momentum_end=1.0"],
-                  lightly_byol),
+                  lightly_byol, loss_scale=4.0),
     "simsiam": Bench("SimSiam", ["method.name=simsiam", f"method.dim={SIMSIAM_DIM}", "method.proj_hidden_dim=512",
                                  "method.proj_layers=3", f"method.pred_hidden_dim={SIMSIAM_PRED_HIDDEN}"],
                      lightly_simsiam),
@@ -376,8 +381,10 @@ def run_selfsight(args, method: str, extra: list[str]) -> dict:
             "train.checkpoint_every=0", f"train.log_every={args.warmup + args.steps}", f"train.precision={args.precision}"]
     if args.knn and BENCHES[method].base == RESNET_SGD:
         # accuracy rows: lightly's plain loop trains at a constant lr, so selfsight does too (no warm-up,
-        # the cosine floor at the peak) instead of its recipe's schedule
-        over += ["optim.warmup_epochs=0", f"optim.min_lr={0.06 * args.batch / 128}"]
+        # the cosine floor at the peak) instead of its recipe's schedule, with lightly's update size
+        scale = BENCHES[method].loss_scale
+        over += ["optim.warmup_epochs=0", f"optim.lr={0.06 / scale}", f"optim.min_lr={0.06 * args.batch / 128 / scale}",
+                 f"optim.weight_decay={5e-4 * scale}"]
     cfg = load_config(overrides=over + [e.format(workers=args.workers) for e in extra])
     import tempfile
     tr = Trainer(cfg, tempfile.mkdtemp(prefix="bench_"), dataset=rgb_fmnist())

@@ -134,8 +134,9 @@ def _forget_pointer(module: "MoCo", incompatible_keys) -> None:
     module._ptr = None                      # a loaded checkpoint brings its own queue_ptr
 
 
+# the official main_moco.py: SGD over model.parameters(), so weight decay on every parameter (BN, biases too)
 _SGD = {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "base_batch": 256, "weight_decay": 1e-4,
-        "momentum": 0.9, "warmup_epochs": 0}
+        "momentum": 0.9, "warmup_epochs": 0, "decay_all": True}
 # MoCo uses per-process BN with shuffle-BN, never SyncBN (methods.md §18).
 register_method(
     "mocov1", MoCoParams,

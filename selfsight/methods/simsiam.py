@@ -76,8 +76,10 @@ register_method(
     # SGD lr 0.05·B/256, momentum 0.9, wd 1e-4, cosine without warm-up, zero-init residuals,
     # SyncBN under DDP; MoCo v2's aug+ views (crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.1) p 0.8,
     # gray 0.2, blur p 0.5 at 224 px).
+    # main_simsiam.py's SGD takes the encoder's and predictor's parameters whole: weight decay on
+    # every parameter (BN, biases too): decay_all
     defaults={"optim": {"name": "sgd", "lr": 0.05, "lr_scaling": "linear", "base_batch": 256,
-                        "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0},
+                        "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0, "decay_all": True},
               "backbone": {"sync_bn": True, "zero_init_residual": True},
               "views": MOCO_V2_VIEWS},
     summary="SimSiam: predictor + stop-gradient, negative cosine, no negatives and no momentum encoder",

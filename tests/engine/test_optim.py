@@ -111,3 +111,19 @@ def test_lars_matches_the_formula_over_steps_and_a_skipped_step_moves_nothing():
             pn, dn = p0.norm(), dp.norm()
             dp = dp * (1e-3 * pn / dn if pn > 0 and dn > 0 else 1.0)
         torch.testing.assert_close(p.detach(), p0 - 0.3 * (0.9 * mu0 + dp))
+
+
+@pytest.mark.parametrize("method, recipe, decays_all", [
+    ("simsiam", None, True), ("mocov2", None, True), ("mocov1", None, True), ("simclr", None, False),
+    ("byol", None, False), ("simsiam", "simsiam_cifar10", True), ("mocov2", "mocov2_cifar10", True),
+    ("simsiam", "simsiam_fashion_mnist", False), ("mocov2", "mocov2_fashion_mnist", False)])
+def test_weight_decay_reaches_norms_and_biases_where_the_official_code_puts_it(method, recipe, decays_all):
+    """SimSiam's and MoCo v1/v2's official SGD take model.parameters() whole (decay on BN and biases);
+    SimCLR's and BYOL's LARS exclude them. The tuned Fashion-MNIST recipes keep what they were measured with."""
+    from selfsight.config import load_config
+    from selfsight.engine.optim import param_groups
+    cfg = load_config([recipe] if recipe else None, overrides=[f"method.name={method}"])
+    assert cfg.optim.decay_all is decays_all
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    bn_group = next(g for g in param_groups(net, cfg.optim.decay_all) if any(p is net[1].weight for p in g["params"]))
+    assert (bn_group.get("weight_decay") != 0.0) is decays_all
