@@ -32,6 +32,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def time_steps(step, warmup: int, steps: int, device) -> float:
+    """ms per ``step()`` over ``steps`` calls after ``warmup`` untimed ones, the device synchronised."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps * 1000
+
+
 def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -75,14 +87,7 @@ def main() -> None:
         tr._step(batch, sched, window)
         tr.step += 1
 
-    for _ in range(5):
-        step()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(dev)
-    step_ms = (time.perf_counter() - t0) / args.steps * 1000
+    step_ms = time_steps(step, 5, args.steps, dev)
 
     # phases, each ended by a synchronisation (so their sum is a little above the pipelined step)
     phases = {"forward": 0.0, "backward": 0.0, "rest": 0.0}
@@ -149,14 +154,7 @@ def compiled_step(tr, step, eager_ms: float, steps: int, dev) -> None:
         traceback.print_exc(file=sys.stdout)
         return
     first_s = time.perf_counter() - t0
-    for _ in range(3):
-        step()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(dev)
-    ms = (time.perf_counter() - t0) / steps * 1000
+    ms = time_steps(step, 3, steps, dev)
     print(f"\ncompiled ({', '.join(names)}): first two steps {first_s:.1f} s, step {ms:.1f} ms against "
           f"{eager_ms:.1f} ms eager: {eager_ms / ms:.2f}x")
 

@@ -314,8 +314,9 @@ DINO_HIDDEN, DINO_BOTTLENECK, DINO_K, DINO_LOCAL, DINO_LOCAL_SIZE = 512, 64, 204
 SIMSIAM_DIM, SIMSIAM_PRED_HIDDEN = 512, 128
 MAE_DEPTH, MAE_PATCH, MAE_RATIO, MAE_DEC_DIM, MAE_DEC_DEPTH, MAE_DEC_HEADS = 6, 4, 0.75, 128, 2, 4
 # the joint-embedding rows' model and optimizer on the selfsight side (lightly's loop: resnet18_backbone, SGD)
-RESNET_SGD = ["backbone.name=resnet18", "backbone.small_stem=none", "optim.name=sgd", "optim.lr=0.06",
-              "optim.momentum=0.9", "optim.base_batch=128", "optim.weight_decay=5e-4"]
+SGD_LR, SGD_BASE_BATCH, SGD_WD = 0.06, 128, 5e-4      # both sides' SGD: lr SGD_LR·B/SGD_BASE_BATCH
+RESNET_SGD = ["backbone.name=resnet18", "backbone.small_stem=none", "optim.name=sgd", f"optim.lr={SGD_LR}",
+              "optim.momentum=0.9", f"optim.base_batch={SGD_BASE_BATCH}", f"optim.weight_decay={SGD_WD}"]
 
 
 @dataclass
@@ -383,8 +384,8 @@ def run_selfsight(args, method: str, extra: list[str]) -> dict:
         # accuracy rows: lightly's plain loop trains at a constant lr, so selfsight does too (no warm-up,
         # the cosine floor at the peak) instead of its recipe's schedule, with lightly's update size
         scale = BENCHES[method].loss_scale
-        over += ["optim.warmup_epochs=0", f"optim.lr={0.06 / scale}", f"optim.min_lr={0.06 * args.batch / 128 / scale}",
-                 f"optim.weight_decay={5e-4 * scale}"]
+        over += ["optim.warmup_epochs=0", f"optim.lr={SGD_LR / scale}",
+                 f"optim.min_lr={SGD_LR * args.batch / SGD_BASE_BATCH / scale}", f"optim.weight_decay={SGD_WD * scale}"]
     cfg = load_config(overrides=over + [e.format(workers=args.workers) for e in extra])
     import tempfile
     tr = Trainer(cfg, tempfile.mkdtemp(prefix="bench_"), dataset=rgb_fmnist())
@@ -425,7 +426,7 @@ def run_lightly(args, method: str) -> dict:
     for m in loop.modules:
         m.to(device)
     opt = loop.optimizer(loop.params, args.batch) if loop.optimizer is not None else \
-        torch.optim.SGD(loop.params, lr=0.06 * args.batch / 128, momentum=0.9, weight_decay=5e-4)
+        torch.optim.SGD(loop.params, lr=SGD_LR * args.batch / SGD_BASE_BATCH, momentum=0.9, weight_decay=SGD_WD)
     amp = args.precision != "fp32"
     total = args.warmup + args.steps
     it = iter(loader)

@@ -59,8 +59,14 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: tuple, ratio: tupl
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop ``boxes`` (B×4, pixels) out of float ``images`` (B×C×H×W) and resize to size×size."""
     rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype, device=boxes.device)[:, None], boxes], 1)
-    # sampling_ratio=-1: ceil(box/size) samples per output bin, averaged -> area filtering when shrinking
-    return roi_align(images, rois.to(images.dtype), (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return crop_rois(images, rois.to(images.dtype), size)
+
+
+def crop_rois(images: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
+    """The device crop filter: rois K×5 (image index, x0, y0, x1, y1 in pixels) of float ``images``
+    (N×C×H×W) resized to K×C×size×size by ``roi_align``; sampling_ratio=-1 takes ceil(box/size)
+    samples per output bin, averaged: area filtering when shrinking."""
+    return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from selfsight.augment.batched import sample_crop_boxes
+from selfsight.augment.batched import crop_rois, sample_crop_boxes
 from selfsight.augment.views import ViewRecipe
 from selfsight.data.images import EncodedJPEG, decode_image
 
@@ -129,9 +129,8 @@ def decode_and_crop(jpegs: list[torch.Tensor], boxes: torch.Tensor, views: list[
     Returns V float tensors J×3×S×S in [0, 1] and the number of images that no decoder could read
     (each replaced by another image of the batch, so the batch keeps its size; the caller counts
     them as skipped). Crop and resize: ``roi_align`` per image, one call per view size, as the
-    uint8 cache's device crops (``resized_crop``): area-averaged bilinear samples, edges replicated.
+    uint8 cache's device crops (``crop_rois``): area-averaged bilinear samples, edges replicated.
     """
-    from torchvision.ops import roi_align
     device = decoder.device
     images = decoder(jpegs)
     bad = sum(img is None for img in images)
@@ -146,8 +145,7 @@ def decode_and_crop(jpegs: list[torch.Tensor], boxes: torch.Tensor, views: list[
     for size, members in by_size.items():
         b = boxes[:, members].float()                                        # J×k×4
         rois = torch.cat([torch.zeros(*b.shape[:2], 1), b], 2).to(device, non_blocking=True)   # J×k×5
-        crops = torch.stack([roi_align(img, rois[j], (size, size), spatial_scale=1.0,
-                                       sampling_ratio=-1, aligned=True) for j, img in enumerate(images)])
+        crops = torch.stack([crop_rois(img, rois[j], size) for j, img in enumerate(images)])
         crops = crops.div_(255.0).clamp_(0.0, 1.0)                           # J×k×3×S×S
         for i, v in enumerate(members):
             out[v] = crops[:, i]
