@@ -28,9 +28,10 @@ class LARS(torch.optim.Optimizer):
 
         The arithmetic runs as ``torch._foreach_*`` ops over each group's tensors: on a GPU a few
         multi-tensor kernels plus the trust scaling and the masked select per parameter (~3 kernels
-        each) instead of ~12 kernels per parameter (ResNet-50's 161 parameters took ~20 ms of GPU time
-        per step one by one on an H200; the foreach version is not yet timed there). On a CPU both
-        cost the same (2 cores: ~40 ms for ResNet-50). The trust ratios of a group are one vector."""
+        each, by count of the code) instead of ~12 kernels per parameter (ResNet-50's 161 parameters
+        took ~20 ms of GPU time per step one by one on an H200, benchmarks/profile_step.py; the foreach
+        version is not yet timed there). On a CPU foreach ops loop over the tensors, so nothing is
+        gained there. The trust ratios of a group are one vector."""
         loss = closure() if closure is not None else None
         found_inf = getattr(self, "found_inf", None)
         ok = None if found_inf is None else found_inf == 0
