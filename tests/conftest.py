@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,16 +91,28 @@ def _gloo_entry(rank, world, init_file, result_path, fn, args):
         dist.destroy_process_group()
 
 
-def run_on_gloo(fn, tmp_path, *args, world: int = 2):
+def run_on_gloo(fn, tmp_path, *args, world: int = 2, writes=()):
     """Run ``fn(rank, *args)`` in ``world`` processes joined on gloo; returns what rank 0 returned
-    (``fn`` must be a module-level function; every rank must make the same collective calls)."""
+    (``fn`` must be a module-level function; every rank must make the same collective calls).
+    ``writes``: folders outside ``tmp_path`` that ``fn`` changes (run folders): a retry finds them as
+    they were before the first try."""
     import shutil
     import torch.multiprocessing as mp
+    snapshots = []
+    for i, folder in enumerate(map(Path, writes)):
+        snapshot = tmp_path / f"snapshot-{i}"
+        if folder.exists():
+            shutil.copytree(folder, snapshot)
+        snapshots.append((folder, snapshot if folder.exists() else None))
     before = set(tmp_path.iterdir())
     for attempt in range(2):
         if attempt:                       # the retry starts clean: what the aborted try wrote goes
             for p in set(tmp_path.iterdir()) - before:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+            for folder, snapshot in snapshots:
+                shutil.rmtree(folder, ignore_errors=True)
+                if snapshot is not None:
+                    shutil.copytree(snapshot, folder)
         try:
             mp.spawn(_gloo_entry, args=(world, str(tmp_path / f"gloo-init-{attempt}"), str(tmp_path / "rank0.pt"),
                                         fn, args), nprocs=world, join=True)

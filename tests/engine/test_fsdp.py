@@ -85,9 +85,9 @@ def _trainer_worker(rank, run_dir, steps, fsdp, resume, dataset, stop_at=None):
     return {}
 
 
-def gloo(tmp_path, name, *args):
+def gloo(tmp_path, name, run_dir, *args):
     (tmp_path / name).mkdir()
-    return run_on_gloo(_trainer_worker, tmp_path / name, *args, world=WORLD)
+    return run_on_gloo(_trainer_worker, tmp_path / name, run_dir, *args, world=WORLD, writes=[run_dir])
 
 
 def _state(run_dir):
