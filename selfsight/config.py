@@ -34,6 +34,7 @@ class DataConfig:
     download: bool = True              # built-in sets missing locally are downloaded by torchvision
     cache: Any = False                 # folders: pre-decoded uint8 memmap cache: false | true | auto (docs/data.md)
     cache_size: int = 0                # px of the cached squares; 0 = the view size (smaller images: their own)
+    shuffle_buffer: int = 1000         # tar shards: samples held per stream to shuffle within shards; 0 = shard order
 
 
 @dataclass

@@ -29,7 +29,7 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
 }
 AT_LEAST = {       # key: smallest valid value
-    "data.batch_size": 1, "data.workers": -1, "data.prefetch": 0, "data.cache_size": 0, "views.size": 0, "views.n_views": 1, "views.jitter_strength": 0,
+    "data.batch_size": 1, "data.workers": -1, "data.prefetch": 0, "data.cache_size": 0, "data.shuffle_buffer": 0, "views.size": 0, "views.n_views": 1, "views.jitter_strength": 0,
     "views.local_crops": 0, "views.local_size": 0, "backbone.width": 1, "backbone.in_chans": 0,
     "backbone.patch_size": 1, "backbone.img_size": 0, "backbone.depth": 0, "backbone.layer_scale": 0,
     "optim.lr": 0, "optim.base_batch": 1, "optim.min_lr": 0, "optim.warmup_epochs": 0, "optim.weight_decay": 0,

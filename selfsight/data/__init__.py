@@ -9,8 +9,9 @@ from selfsight.data.builtin import SPLITS, fashion_mnist, torchvision_set
 BUILTIN = sorted(SPLITS)
 
 
-def build_dataset(spec: str, root: str = "", download: bool = True):
-    """``"fashion-mnist"``, ``"cifar10:test"``, ``"stl10:unlabeled"``, a folder path, or tar shards.
+def build_dataset(spec: str, root: str = "", download: bool = True, shuffle_buffer: int = 1000):
+    """``"fashion-mnist"``, ``"cifar10:test"``, ``"stl10:unlabeled"``, a folder path, or tar shards
+    (``shuffle_buffer``: samples each shard stream holds to shuffle within shards; 0 = shard order).
 
     A built-in name without a split means its training split. Folders may be labeled
     (``root/<class>/...``) or not; see docs/data.md.
@@ -25,7 +26,7 @@ def build_dataset(spec: str, root: str = "", download: bool = True):
         return torchvision_set(name, split, root, download)
     from selfsight.data.shards import ShardDataset, is_shard_spec
     if is_shard_spec(spec):                 # tar shards: "dir/shard-{000000..000099}.tar", a glob or a folder
-        return ShardDataset(spec)
+        return ShardDataset(spec, shuffle_buffer=shuffle_buffer)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data {spec!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing folder")

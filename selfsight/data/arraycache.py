@@ -176,6 +176,9 @@ def cached_folder(folder: ImageFolder, size: int, channels: int = 3, cache_dir: 
         ds = build_cache(folder, size, channels, cache_dir, workers, progress)
     else:
         log.info("using the array cache %s (%d images, %d px)", ds.cache_file, len(ds), size)
+    if ds.skipped:
+        log.warning("the array cache of %s leaves out %d files that did not decode when it was built "
+                    "(counted in the first metrics row's skipped_files)", folder.root, ds.skipped)
     return ds
 
 

@@ -245,6 +245,9 @@ class ShardDataset(IterableDataset):
         buf = []
         for path in shards:
             for sample in _samples(path):
+                if self.shuffle_buffer <= 0:            # shard order: shards permuted, samples in file order
+                    yield sample
+                    continue
                 if len(buf) < self.shuffle_buffer:
                     buf.append(sample)
                     continue

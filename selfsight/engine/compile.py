@@ -41,6 +41,15 @@ def compile_model(model: nn.Module) -> list[str]:
     return names
 
 
+def toolchain_check(device: torch.device) -> None:
+    """Compile and run a two-op function on ``device``; raises where this process cannot compile
+    (no C++ compiler for the CPU backend, no Triton for CUDA). Several processes run it before the
+    first step and agree (``Trainer``): a rank that cannot compile must not leave the others waiting."""
+    x = torch.linspace(-1, 1, 16, device=device)
+    got = torch.compile(lambda t: torch.sin(t) * 2 + 1, dynamic=False)(x)
+    torch.testing.assert_close(got, torch.sin(x) * 2 + 1)
+
+
 def uncompile_model(model: nn.Module) -> None:
     """Undo ``compile_model``: every module runs eagerly again (same parameters and buffers)."""
     for _, m in compile_targets(model):

@@ -25,7 +25,7 @@ from selfsight.data.loader import ViewLoader
 from selfsight.engine.monitor import collapse_warning, embedding_stats
 from selfsight.engine.checkpoint import (FORMAT_VERSION, atomic_save, check_compatible, load_model_state, rng_state,
                                          safe_load, set_rng_state)
-from selfsight.engine.compile import compile_model, uncompile_model
+from selfsight.engine.compile import compile_model, toolchain_check, uncompile_model
 from selfsight.engine.optim import build_optimizer, clip_gradients, gradients_finite, step_unless_nonfinite
 from selfsight.engine.schedules import cosine, scaled_lr
 from selfsight.engine.sharding import OPTIMIZER_FORMAT, full_state, gathered, load_full_state, shard_model
@@ -105,7 +105,8 @@ class Trainer:
         torch.manual_seed(t.seed + self.rank)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.dataset = dataset if dataset is not None else build_dataset(cfg.data.train, cfg.data.root, cfg.data.download)
+        self.dataset = dataset if dataset is not None else \
+            build_dataset(cfg.data.train, cfg.data.root, cfg.data.download, cfg.data.shuffle_buffer)
         channels = getattr(self.dataset, "channels", 3)
         native = getattr(self.dataset, "image_size", 224)
         self.recipe = resolve_recipe(cfg.views, native, channels)
@@ -136,6 +137,8 @@ class Trainer:
                 self.compiled = compile_model(self.model)
             except Exception as e:          # e.g. torch.compile unsupported on this Python
                 self._compile_failed(e)
+            if self.world > 1:
+                self._agree_on_compile()
         # eval.online_probe: a linear classifier on detached features, outside the model and its optimizer
         self.probe = build_online_probe(cfg.eval, self.model, self.dataset, self.device, log)
         self.ddp = self.model
@@ -308,6 +311,8 @@ class Trainer:
             bar = tqdm(total=self.total_steps or None, initial=self.step, dynamic_ncols=True, unit="step")
         self.model.train()
         window = self.new_window()
+        if hasattr(self.dataset, "cache_file"):     # an array cache: the files it left out, counted once a session
+            window["skipped"] = self.dataset.skipped
         try:
             self._loop(window, budget, bar, ck_path)
         finally:
@@ -430,6 +435,22 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._compile_failed(e)
             self._step(batch, sched, window)
+
+    def _agree_on_compile(self) -> None:
+        """Several processes: each compiles a small function first, then all agree; where one cannot
+        (no compiler on one node), every rank runs eagerly. Failing alone inside the first step, that
+        rank would leave the others waiting in the step's collectives. A failure that every rank meets
+        at the same point of the first step is still recovered there (``_first_compiled_step``)."""
+        error = None
+        if self.compiled:
+            try:
+                toolchain_check(self.device)
+            except Exception as e:
+                error = e
+        ok = bool(all_ranks(torch.tensor(error is None and bool(self.compiled), device=self.device)))
+        if not ok and self.compiled:
+            uncompile_model(self.model)
+            self._compile_failed(error or RuntimeError("train.compile failed on another process; all run eagerly"))
 
     def _compile_failed(self, error: Exception) -> None:
         """Warn in one line; the whole error (compiler errors run to pages) goes to RUN/compile_error.txt."""

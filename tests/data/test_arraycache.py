@@ -88,3 +88,5 @@ def test_a_changed_folder_gets_a_new_cache_and_training_uses_the_batched_path(fo
     assert len(list(arrays.glob("*.u8"))) == 2
     meta = [json.loads(line) for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert len(meta) == 2
+    # the broken file the cache left out is counted once, in the session's first row
+    assert [row["skipped_files"] for row in meta] == [1, 0]

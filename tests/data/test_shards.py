@@ -78,6 +78,23 @@ def test_every_image_once_per_epoch_across_two_workers_reproducibly(numbered):
     assert sorted(second) == list(range(320)) and second != first   # reshuffled per epoch
 
 
+def test_shuffle_buffer_sets_how_far_samples_move_within_shards(numbered):
+    def labels(buffer):
+        data = build_dataset(str(numbered), shuffle_buffer=buffer)
+        assert data.shuffle_buffer == buffer
+        return _labels(ViewLoader(data, RECIPE, 32, CPU, seed=3, workers=0, device_augment="on"), 0)
+    in_order = labels(0)
+    assert sorted(in_order) == list(range(320))
+    blocks = [in_order[i:i + 40] for i in range(0, 320, 40)]          # shards permuted, each read in file order
+    assert all(b == list(range(b[0], b[0] + 40)) and b[0] % 40 == 0 for b in blocks)
+    assert [b[0] for b in blocks] != list(range(0, 320, 40))
+    mixed = labels(16)
+    assert sorted(mixed) == list(range(320)) and mixed != in_order
+    # a sample moves at most a buffer's length ahead of its read position
+    read_at = {y: i for i, y in enumerate(y for b in blocks for y in b)}
+    assert all(i >= read_at[y] - 16 for i, y in enumerate(mixed))
+
+
 def test_two_ranks_split_the_shards_and_resume_mid_epoch_exactly(numbered):
     ranks = [ViewLoader(ShardDataset(str(numbered)), RECIPE, 32, CPU, rank=r, world=2, seed=1, workers=0, device_augment="on")
              for r in (0, 1)]

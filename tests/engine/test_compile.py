@@ -89,3 +89,33 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(tmp_path, fmnist
     assert "second line of a long traceback" in (tmp_path / "compiled" / "compile_error.txt").read_text()
     # the failed first step was rolled back and re-run eagerly: the same losses as an eager run
     assert losses(tmp_path / "compiled") == losses(tmp_path / "eager")
+
+
+def _compile_agreement_worker(rank, run_dir, dataset, failing_rank):
+    """One Trainer per rank with train.compile; ``failing_rank``'s toolchain check raises (a node
+    without a compiler), the other's passes without compiling anything (kept fast)."""
+    import selfsight.engine.trainer as trainer_mod
+
+    def check(device):
+        if rank == failing_rank:
+            raise RuntimeError(f"no C++ compiler on rank {rank}")
+    trainer_mod.toolchain_check = check
+    tr = Trainer(cfg_of("simclr-resnet", True, 2), run_dir, dataset=dataset)
+    compiled = list(tr.compiled)
+    if failing_rank >= 0:
+        tr.fit()                            # eager on both ranks: the step's collectives meet
+    return {"compiled": compiled, "steps": tr.step}
+
+
+@pytest.mark.parametrize("failing_rank", [1, -1])
+def test_ranks_agree_to_run_eagerly_when_one_cannot_compile(tmp_path, fmnist_small, failing_rank):
+    from conftest import run_on_gloo
+    run_dir = tmp_path / "run"
+    (tmp_path / "gloo").mkdir()
+    out = run_on_gloo(_compile_agreement_worker, tmp_path / "gloo", run_dir, fmnist_small, failing_rank,
+                      writes=[run_dir])
+    if failing_rank < 0:
+        assert out == {"compiled": ["student"], "steps": 0}         # every rank can: compiled as asked
+    else:
+        assert out == {"compiled": [], "steps": 2}                  # rank 0 learned of rank 1's failure
+        assert "another process" in (run_dir / "compile_error.txt").read_text()
