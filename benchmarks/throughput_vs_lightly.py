@@ -91,6 +91,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -470,6 +471,9 @@ def main() -> None:
                     help="after training, kNN top-1 of each side's backbone on 2,000 Fashion-MNIST test images "
                          "with BANK training images as the bank (ResNet rows; MAE has no kNN column); "
                          "selfsight then trains at lightly's constant lr")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds over all rows (each row in a new process, odd rounds in reverse order); the "
+                         "table gives the median and the range of the rounds' ratios")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -479,35 +483,47 @@ def main() -> None:
     unknown = [m for m in methods if m not in BENCHES]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-    rows = {}
-    for name, (method, _, _) in CONFIGS.items():
-        if method not in methods:
-            continue
-        cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch", str(args.batch), "--workers", str(args.workers), "--precision", args.precision,
-               "--knn", str(args.knn if method != "mae" else 0)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith(ROW)]
-        if not line:
-            print(f"{name}: FAILED\n{out.stderr[-2000:]}")
-            continue
-        rows[name] = json.loads(line[-1][len(ROW):])
-        print(f"{name}: {rows[name]}", flush=True)
+    names = [n for n, (m, _, _) in CONFIGS.items() if m in methods]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for round_ in range(args.repeats):
+        for method in methods:
+            group = [n for n in names if CONFIGS[n][0] == method]
+            for name in group if round_ % 2 == 0 else group[::-1]:      # odd rounds reversed: drift cancels
+                cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--warmup",
+                       str(args.warmup), "--batch", str(args.batch), "--workers", str(args.workers),
+                       "--precision", args.precision, "--knn", str(args.knn if method != "mae" else 0)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                line = [x for x in out.stdout.splitlines() if x.startswith(ROW)]
+                if not line:
+                    print(f"{name}: FAILED\n{out.stderr[-2000:]}")
+                    runs[name].append(None)
+                    continue
+                runs[name].append(json.loads(line[-1][len(ROW):]))
+                print(f"{name} (round {round_ + 1}): {runs[name][-1]}", flush=True)
     models = sorted({BENCHES[m].model for m in methods})
+    rounds = f", median of {args.repeats} rounds (ratio: median and range of the rounds' ratios)" \
+        if args.repeats > 1 else ""
     print(f"\n{' / '.join(models)}, batch {args.batch}, Fashion-MNIST RGB 32 px, precision {args.precision}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+          f"{args.steps} timed steps after {args.warmup} warm-up{rounds}")
     knn = " kNN top-1 |" if args.knn else ""
     print(f"| run | images/s | data wait | peak memory (MB) | vs lightly |{knn}\n|---|---|---|---|---|"
           + ("---|" if args.knn else ""))
-    for name, r in rows.items():
+    for name in names:
+        done = [r for r in runs[name] if r is not None]
+        if not done:
+            continue
         method = CONFIGS[name][0]
-        ref = next((v["images_per_s"] for n, v in rows.items()
-                    if CONFIGS[n][0] == method and CONFIGS[n][1] == "lightly"), None)
-        ratio = f"{r['images_per_s'] / ref:.2f}x" if ref else "n/a"
-        acc = (f" {r['knn_top1']:.4f} |" if "knn_top1" in r else " n/a |") if args.knn else ""
-        print(f"| {name} | {r['images_per_s']:.0f} | {100 * r['data_wait']:.1f} % | {r['peak_mb']:.0f} | {ratio} |"
-              + acc)
-
+        ref = next((runs[n] for n in names if CONFIGS[n][0] == method and CONFIGS[n][1] == "lightly"), [])
+        ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[name], ref) if a and b]
+        ratio = "n/a" if not ratios else f"{statistics.median(ratios):.2f}x" + \
+            (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
+        acc = ""
+        if args.knn:
+            accs = [r["knn_top1"] for r in done if "knn_top1" in r]
+            acc = f" {statistics.median(accs):.4f} |" if accs else " n/a |"
+        ips = statistics.median(r["images_per_s"] for r in done)
+        wait = statistics.median(r["data_wait"] for r in done)
+        print(f"| {name} | {ips:.0f} | {100 * wait:.1f} % | {max(r['peak_mb'] for r in done):.0f} | {ratio} |" + acc)
 
 if __name__ == "__main__":
     main()
