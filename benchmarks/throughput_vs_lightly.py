@@ -85,6 +85,13 @@ peak memory, and the ratio to lightly's loop for the same method.
     pip install 'selfsight[bench]'     # lightly
     python benchmarks/throughput_vs_lightly.py --steps 30 [--methods simclr,mocov2,byol,simsiam,dino,mae]
     python benchmarks/throughput_vs_lightly.py --methods simclr --steps 200 --knn 10000   # + kNN top-1 of each side
+    python benchmarks/throughput_vs_lightly.py --steps 20 --repeats 3 --ceiling
+
+``--repeats N`` runs every row N times, a method's rows back to back, odd rounds in reverse
+order, and prints the median images/s with the median and range of the rounds' ratios (on a
+shared 2-core machine one row moves by a third between minutes). ``--ceiling`` adds, per method,
+selfsight's step on one batch reused: no data path at all, so its ratio to lightly's loop is the
+most that any data path could give with this model on this machine.
 """
 from __future__ import annotations
 
@@ -365,16 +372,18 @@ BENCHES = {
                  model=f"ViT {MAE_DEPTH}x192 patch {MAE_PATCH}"),
 }
 
-CONFIGS = {}    # row name -> (method, "selfsight" | "lightly", extra selfsight overrides)
+CEILING_ROW = "selfsight model step alone (one batch reused: the ceiling of any data path)"
+CONFIGS = {}    # row name -> (method, "selfsight" | "ceiling" | "lightly", extra selfsight overrides)
 for _key, _b in BENCHES.items():
     for _suffix, _extra in _b.selfsight_rows.items():
         CONFIGS[f"{_b.label} selfsight{_suffix}"] = (_key, "selfsight", _extra)
+    CONFIGS[f"{_b.label} {CEILING_ROW}"] = (_key, "ceiling", [])       # --ceiling
     CONFIGS[f"{_b.label} {LIGHTLY_ROW}"] = (_key, "lightly", [])
 
 
 # ------------------------------------------------------------------------------------ the runners
 
-def run_selfsight(args, method: str, extra: list[str]) -> dict:
+def run_selfsight(args, method: str, extra: list[str], reuse_one_batch: bool = False) -> dict:
     from selfsight.config import load_config
     from selfsight.engine.trainer import Trainer
     over = BENCHES[method].base + BENCHES[method].overrides + [
@@ -399,6 +408,14 @@ def run_selfsight(args, method: str, extra: list[str]) -> dict:
             state.update(t=time.perf_counter(), wait=tr.loader.wait)
         return out
     tr.optimizer.step = timed_step
+    if reuse_one_batch:       # the step alone: the first finished batch (views, masks) fed again every step
+        first_epoch = tr.loader.epoch
+
+        def one_batch(epoch, start=0):
+            batch = next(iter(first_epoch(epoch, start)))
+            while True:
+                yield batch
+        tr.loader.epoch = one_batch
     tr.fit()
     dt = time.perf_counter() - state["t"]
     out = {"images_per_s": args.steps * args.batch / dt, "data_wait": (tr.loader.wait - state["wait"]) / dt,
@@ -456,7 +473,9 @@ def run_lightly(args, method: str) -> dict:
 
 def run_row(args, name: str) -> dict:
     method, side, extra = CONFIGS[name]
-    return run_selfsight(args, method, extra) if side == "selfsight" else run_lightly(args, method)
+    if side == "lightly":
+        return run_lightly(args, method)
+    return run_selfsight(args, method, extra, reuse_one_batch=side == "ceiling")
 
 
 def main() -> None:
@@ -474,6 +493,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds over all rows (each row in a new process, odd rounds in reverse order); the "
                          "table gives the median and the range of the rounds' ratios")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="add a row per method: selfsight's step alone on one batch reused (no data path); its "
+                         "ratio is the most any data path could give against lightly's loop")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -483,7 +505,7 @@ def main() -> None:
     unknown = [m for m in methods if m not in BENCHES]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-    names = [n for n, (m, _, _) in CONFIGS.items() if m in methods]
+    names = [n for n, (m, side, _) in CONFIGS.items() if m in methods and (side != "ceiling" or args.ceiling)]
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for round_ in range(args.repeats):
         for method in methods:
