@@ -89,9 +89,10 @@ peak memory, and the ratio to lightly's loop for the same method.
 
 ``--repeats N`` runs every row N times, a method's rows back to back, odd rounds in reverse
 order, and prints the median images/s with the median and range of the rounds' ratios (on a
-shared 2-core machine one row moves by a third between minutes). ``--ceiling`` adds, per method,
-selfsight's step on one batch reused: no data path at all, so its ratio to lightly's loop is the
-most that any data path could give with this model on this machine.
+shared 2-core machine one row moves by a third between minutes). ``--ceiling``: each selfsight
+row then times as many steps again on its last batch reused, in the same process: the step
+with no data path at all, so its ratio to lightly's loop is the most that any data path could
+give with this model on this machine.
 """
 from __future__ import annotations
 
@@ -372,24 +373,23 @@ BENCHES = {
                  model=f"ViT {MAE_DEPTH}x192 patch {MAE_PATCH}"),
 }
 
-CEILING_ROW = "selfsight model step alone (one batch reused: the ceiling of any data path)"
-CONFIGS = {}    # row name -> (method, "selfsight" | "ceiling" | "lightly", extra selfsight overrides)
+CONFIGS = {}    # row name -> (method, "selfsight" | "lightly", extra selfsight overrides)
 for _key, _b in BENCHES.items():
     for _suffix, _extra in _b.selfsight_rows.items():
         CONFIGS[f"{_b.label} selfsight{_suffix}"] = (_key, "selfsight", _extra)
-    CONFIGS[f"{_b.label} {CEILING_ROW}"] = (_key, "ceiling", [])       # --ceiling
     CONFIGS[f"{_b.label} {LIGHTLY_ROW}"] = (_key, "lightly", [])
 
 
 # ------------------------------------------------------------------------------------ the runners
 
-def run_selfsight(args, method: str, extra: list[str], reuse_one_batch: bool = False) -> dict:
+def run_selfsight(args, method: str, extra: list[str]) -> dict:
     from selfsight.config import load_config
     from selfsight.engine.trainer import Trainer
+    steps = args.warmup + args.steps * (2 if args.ceiling else 1)
     over = BENCHES[method].base + BENCHES[method].overrides + [
             "views.size=32", "views.blur_p=0", f"data.batch_size={args.batch}",
-            f"train.steps={args.warmup + args.steps}", "train.progress=false", "train.tensorboard=false",
-            "train.checkpoint_every=0", f"train.log_every={args.warmup + args.steps}", f"train.precision={args.precision}"]
+            f"train.steps={steps}", "train.progress=false", "train.tensorboard=false",
+            "train.checkpoint_every=0", f"train.log_every={steps}", f"train.precision={args.precision}"]
     if args.knn and BENCHES[method].base == RESNET_SGD:
         # accuracy rows: lightly's plain loop trains at a constant lr, so selfsight does too (no warm-up,
         # the cosine floor at the peak) instead of its recipe's schedule, with lightly's update size
@@ -399,27 +399,33 @@ def run_selfsight(args, method: str, extra: list[str], reuse_one_batch: bool = F
     cfg = load_config(overrides=over + [e.format(workers=args.workers) for e in extra])
     import tempfile
     tr = Trainer(cfg, tempfile.mkdtemp(prefix="bench_"), dataset=rgb_fmnist())
-    state = {}
+    # the clock: after the warm-up steps, at the end of the timed ones, and (--ceiling) at the end
+    # of as many steps again on the last batch reused (the step alone, in the same process)
+    marks = {args.warmup: "t", args.warmup + args.steps: "t_full", args.warmup + 2 * args.steps: "t_alone"}
+    state = {}                                     # mark -> (time, data wait so far)
     real_step = tr.optimizer.step
 
-    def timed_step(*a, **k):                       # start the clock after the warm-up steps
+    def timed_step(*a, **k):
         out = real_step(*a, **k)
-        if tr.step + 1 == args.warmup:
-            state.update(t=time.perf_counter(), wait=tr.loader.wait)
+        if tr.step + 1 in marks:
+            state[marks[tr.step + 1]] = time.perf_counter(), tr.loader.wait
         return out
     tr.optimizer.step = timed_step
-    if reuse_one_batch:       # the step alone: the first finished batch (views, masks) fed again every step
-        first_epoch = tr.loader.epoch
+    if args.ceiling:
+        fresh_batches = tr.loader.epoch
 
-        def one_batch(epoch, start=0):
-            batch = next(iter(first_epoch(epoch, start)))
-            while True:
+        def then_one_batch(epoch, start=0):
+            for batch in fresh_batches(epoch, start):
                 yield batch
-        tr.loader.epoch = one_batch
+                while tr.step >= args.warmup + args.steps:      # the timed steps are done: this batch again
+                    yield batch
+        tr.loader.epoch = then_one_batch
     tr.fit()
-    dt = time.perf_counter() - state["t"]
-    out = {"images_per_s": args.steps * args.batch / dt, "data_wait": (tr.loader.wait - state["wait"]) / dt,
+    dt = state["t_full"][0] - state["t"][0]
+    out = {"images_per_s": args.steps * args.batch / dt, "data_wait": (state["t_full"][1] - state["t"][1]) / dt,
            "peak_mb": peak_mb(tr.device.type)}
+    if args.ceiling:
+        out["alone_images_per_s"] = args.steps * args.batch / (state["t_alone"][0] - state["t_full"][0])
     if args.knn:
         out["knn_top1"] = knn_top1(tr.model.backbone, tr.device.type, args.knn)   # DINO's: the teacher
     return out
@@ -475,7 +481,7 @@ def run_row(args, name: str) -> dict:
     method, side, extra = CONFIGS[name]
     if side == "lightly":
         return run_lightly(args, method)
-    return run_selfsight(args, method, extra, reuse_one_batch=side == "ceiling")
+    return run_selfsight(args, method, extra)
 
 
 def main() -> None:
@@ -494,10 +500,12 @@ def main() -> None:
                     help="rounds over all rows (each row in a new process, odd rounds in reverse order); the "
                          "table gives the median and the range of the rounds' ratios")
     ap.add_argument("--ceiling", action="store_true",
-                    help="add a row per method: selfsight's step alone on one batch reused (no data path); its "
-                         "ratio is the most any data path could give against lightly's loop")
+                    help="selfsight rows also time as many steps again on their last batch reused (the step alone, "
+                         "no data path, same process): the most any data path could give against lightly's loop")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ceiling and args.knn:
+        ap.error("--ceiling trains extra steps on one batch: it would change the --knn accuracy; run them apart")
     if args.only:
         print(ROW + json.dumps(run_row(args, args.only)), flush=True)
         return
@@ -505,7 +513,7 @@ def main() -> None:
     unknown = [m for m in methods if m not in BENCHES]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-    names = [n for n, (m, side, _) in CONFIGS.items() if m in methods and (side != "ceiling" or args.ceiling)]
+    names = [n for n, (m, _, _) in CONFIGS.items() if m in methods]
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for round_ in range(args.repeats):
         for method in methods:
@@ -513,7 +521,8 @@ def main() -> None:
             for name in group if round_ % 2 == 0 else group[::-1]:      # odd rounds reversed: drift cancels
                 cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--warmup",
                        str(args.warmup), "--batch", str(args.batch), "--workers", str(args.workers),
-                       "--precision", args.precision, "--knn", str(args.knn if method != "mae" else 0)]
+                       "--precision", args.precision, "--knn", str(args.knn if method != "mae" else 0)] \
+                    + (["--ceiling"] if args.ceiling else [])
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 line = [x for x in out.stdout.splitlines() if x.startswith(ROW)]
                 if not line:
@@ -527,25 +536,35 @@ def main() -> None:
         if args.repeats > 1 else ""
     print(f"\n{' / '.join(models)}, batch {args.batch}, Fashion-MNIST RGB 32 px, precision {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up{rounds}")
-    knn = " kNN top-1 |" if args.knn else ""
-    print(f"| run | images/s | data wait | peak memory (MB) | vs lightly |{knn}\n|---|---|---|---|---|"
-          + ("---|" if args.knn else ""))
+    extra = (" kNN top-1 |" if args.knn else "") + (" step alone: images/s, vs lightly |" if args.ceiling else "")
+    print(f"| run | images/s | data wait | peak memory (MB) | vs lightly |{extra}\n|---|---|---|---|---|"
+          + "---|" * extra.count("|"))
     for name in names:
         done = [r for r in runs[name] if r is not None]
         if not done:
             continue
         method = CONFIGS[name][0]
         ref = next((runs[n] for n in names if CONFIGS[n][0] == method and CONFIGS[n][1] == "lightly"), [])
-        ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[name], ref) if a and b]
-        ratio = "n/a" if not ratios else f"{statistics.median(ratios):.2f}x" + \
-            (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
-        acc = ""
+        cells = ""
         if args.knn:
             accs = [r["knn_top1"] for r in done if "knn_top1" in r]
-            acc = f" {statistics.median(accs):.4f} |" if accs else " n/a |"
+            cells += f" {statistics.median(accs):.4f} |" if accs else " n/a |"
+        if args.ceiling:
+            alone = [r["alone_images_per_s"] for r in done if "alone_images_per_s" in r]
+            cells += f" {statistics.median(alone):.0f}, {_ratios(runs[name], ref, 'alone_images_per_s')} |" \
+                if alone else " |"
         ips = statistics.median(r["images_per_s"] for r in done)
         wait = statistics.median(r["data_wait"] for r in done)
-        print(f"| {name} | {ips:.0f} | {100 * wait:.1f} % | {max(r['peak_mb'] for r in done):.0f} | {ratio} |" + acc)
+        print(f"| {name} | {ips:.0f} | {100 * wait:.1f} % | {max(r['peak_mb'] for r in done):.0f} | "
+              f"{_ratios(runs[name], ref, 'images_per_s')} |" + cells)
+
+
+def _ratios(rows: list, ref: list, key: str) -> str:
+    """The median (and, over several rounds, the range) of ``rows[i][key]`` / ``ref[i]["images_per_s"]``."""
+    ratios = [a[key] / b["images_per_s"] for a, b in zip(rows, ref) if a and b]
+    if not ratios:
+        return "n/a"
+    return f"{statistics.median(ratios):.2f}x" + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
 
 if __name__ == "__main__":
     main()
