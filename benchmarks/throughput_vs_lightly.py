@@ -566,5 +566,6 @@ def _ratios(rows: list, ref: list, key: str) -> str:
         return "n/a"
     return f"{statistics.median(ratios):.2f}x" + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
 
+
 if __name__ == "__main__":
     main()
