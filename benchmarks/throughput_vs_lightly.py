@@ -479,9 +479,7 @@ def run_lightly(args, method: str) -> dict:
 
 def run_row(args, name: str) -> dict:
     method, side, extra = CONFIGS[name]
-    if side == "lightly":
-        return run_lightly(args, method)
-    return run_selfsight(args, method, extra)
+    return run_selfsight(args, method, extra) if side == "selfsight" else run_lightly(args, method)
 
 
 def main() -> None:

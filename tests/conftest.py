@@ -98,12 +98,12 @@ def run_on_gloo(fn, tmp_path, *args, world: int = 2, writes=()):
     they were before the first try."""
     import shutil
     import torch.multiprocessing as mp
-    snapshots = []
+    snapshots = []                        # (folder, its copy, or None where it did not exist yet)
     for i, folder in enumerate(map(Path, writes)):
-        snapshot = tmp_path / f"snapshot-{i}"
-        if folder.exists():
+        snapshot = tmp_path / f"snapshot-{i}" if folder.exists() else None
+        if snapshot is not None:
             shutil.copytree(folder, snapshot)
-        snapshots.append((folder, snapshot if folder.exists() else None))
+        snapshots.append((folder, snapshot))
     before = set(tmp_path.iterdir())
     for attempt in range(2):
         if attempt:                       # the retry starts clean: what the aborted try wrote goes

@@ -242,12 +242,13 @@ class ShardDataset(IterableDataset):
 
     def _shuffled(self, shards: list[str], rng: random.Random):
         """A shuffle buffer over the raw (undecoded) samples of ``shards``, read in order."""
+        if self.shuffle_buffer <= 0:            # shard order: shards permuted, samples in file order
+            for path in shards:
+                yield from _samples(path)
+            return
         buf = []
         for path in shards:
             for sample in _samples(path):
-                if self.shuffle_buffer <= 0:            # shard order: shards permuted, samples in file order
-                    yield sample
-                    continue
                 if len(buf) < self.shuffle_buffer:
                     buf.append(sample)
                     continue
