@@ -131,3 +131,65 @@ def fmnist_view_pair(fmnist_small, n: int = 16) -> list:
     from selfsight.augment import BatchedViews, ViewRecipe
     recipe = ViewRecipe(size=28, crop_scale=(0.3, 1.0), mean=(0.5,), std=(0.5,))
     return [v.double() for v in BatchedViews(recipe, torch.Generator().manual_seed(1))(fmnist_small.images[:n])]
+
+
+class HostWaits:
+    """What would make the host wait for an accelerator, recorded while code runs on the ``meta``
+    device (no accelerator needed): uploads of host memory that are not ``non_blocking`` (PyTorch
+    copies, then synchronises the stream), ``torch.tensor(..., device=...)`` (the same upload) and
+    reads of a device value (``.item()``, ``bool()``, ``nonzero``). ``found``: one line per event,
+    with the innermost selfsight frame that caused it. ``reads_on_cpu``: reads of CPU tensors count
+    too (code that runs on the CPU here and on a GPU elsewhere, e.g. a fused optimizer, which the
+    ``meta`` device lacks)."""
+
+    def __init__(self, reads_on_cpu: bool = False):
+        self.found: list[str] = []
+        self.reads_on_cpu = reads_on_cpu
+
+    def _note(self, what: str) -> None:
+        import traceback
+        frames = [f for f in traceback.extract_stack() if "/selfsight/" in f.filename.replace("\\", "/")]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        self.found.append(f"{what} at {where}")
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        aten, waits = torch.ops.aten, self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is aten._to_copy.default:
+                    dev = kwargs.get("device")
+                    if args[0].device.type == "cpu" and dev is not None and dev.type != "cpu" \
+                            and not kwargs.get("non_blocking", False):
+                        waits._note(f"blocking upload of {tuple(args[0].shape)}")
+                elif func is aten.copy_.default:
+                    dst, src = args[0], args[1]
+                    blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+                    if src.device.type == "cpu" and dst.device.type != "cpu" and blocking:
+                        waits._note(f"blocking upload of {tuple(src.shape)}")
+                elif func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default) \
+                        and (args[0].device.type != "cpu" or waits.reads_on_cpu):
+                    waits._note(f"read back ({func.overloadpacket.__name__})")
+                return func(*args, **kwargs)
+
+        def creating(fn):
+            def wrapper(*args, **kwargs):
+                dev = kwargs.get("device")
+                if dev is not None and torch.device(dev).type != "cpu":
+                    waits._note(f"{fn.__name__}(..., device={dev}) (an upload)")
+                return fn(*args, **kwargs)
+            return wrapper
+        self._saved = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
+        for name, fn in self._saved.items():
+            setattr(torch, name, creating(fn))
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for name, fn in self._saved.items():
+            setattr(torch, name, fn)
+        return False

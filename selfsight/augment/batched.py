@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from selfsight.augment.views import ViewRecipe
+from selfsight.nn.device import device_constant, to_device
 
 _GRAY = (0.299, 0.587, 0.114)   # ITU-R 601-2 luma, as PIL and torchvision
 
@@ -72,7 +73,7 @@ def crop_rois(images: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tens
 def _gray(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
-    w = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = device_constant(_GRAY, x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
@@ -143,7 +144,7 @@ class BatchedViews:
 
     def _crop(self, images: torch.Tensor, r: ViewRecipe) -> torch.Tensor:
         b, c, h, w = images.shape
-        boxes = sample_crop_boxes(b, h, w, r.crop_scale, r.crop_ratio, self.generator).to(images.device)
+        boxes = to_device(sample_crop_boxes(b, h, w, r.crop_scale, r.crop_ratio, self.generator), images.device)
         return resized_crop(images, boxes, r.size)
 
     def finish(self, x: torch.Tensor, recipe: ViewRecipe | None = None) -> torch.Tensor:
@@ -171,8 +172,8 @@ class BatchedViews:
         p = _ViewParams(b, c, r, self.generator, dev)
         x = torch.where(p.flip, x.flip(-1), x)
         x = self.color(x, r, p)
-        x = ((x - torch.tensor(r.mean, device=dev).view(1, c, 1, 1))
-             / torch.tensor(r.std, device=dev).view(1, c, 1, 1))
+        x = ((x - device_constant(tuple(r.mean), dev, x.dtype).view(1, c, 1, 1))
+             / device_constant(tuple(r.std), dev, x.dtype).view(1, c, 1, 1))
         return x
 
     def color(self, x: torch.Tensor, recipe: ViewRecipe | None = None, params: "_ViewParams | None" = None
@@ -245,8 +246,8 @@ class _ViewParams:
             index.append(blur_idx)
             layout.append(("blur", "", -1, len(blur_idx)))
         floats += [(g < r.gray_p).float(), (so < r.solarize_p).float(), 0.1 + 1.9 * sg]
-        fdev = _to_device(torch.stack(floats, 1), device)                            # B×(4 + n)
-        idev = _to_device(torch.cat(index), device).split([m[3] for m in layout]) if index else []
+        fdev = to_device(torch.stack(floats, 1), device)                            # B×(4 + n)
+        idev = to_device(torch.cat(index), device).split([m[3] for m in layout]) if index else []
         self.flip = fdev[:, 0].bool().view(b, 1, 1, 1)
         self.blur = None
         for (kind, name, k, _), idx in zip(layout, idev):
@@ -256,10 +257,3 @@ class _ViewParams:
                 self.blur = (idx, fdev[:, -1].index_select(0, idx))
         self.gray = fdev[:, -3].bool().view(b, 1, 1, 1) if r.gray_p > 0 and c == 3 else None
         self.solarize = fdev[:, -2].bool().view(b, 1, 1, 1) if r.solarize_p > 0 else None
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on ``device`` without waiting: pinned and copied asynchronously on CUDA."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

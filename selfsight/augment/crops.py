@@ -17,6 +17,7 @@ from PIL import Image
 from selfsight.augment.batched import crop_rois, sample_crop_boxes
 from selfsight.augment.views import ViewRecipe
 from selfsight.data.images import EncodedJPEG, decode_image
+from selfsight.nn.device import to_device
 
 _MASK = (1 << 63) - 1
 
@@ -144,7 +145,7 @@ def decode_and_crop(jpegs: list[torch.Tensor], boxes: torch.Tensor, views: list[
     out: list = [None] * len(views)
     for size, members in by_size.items():
         b = boxes[:, members].float()                                        # J×k×4
-        rois = torch.cat([torch.zeros(*b.shape[:2], 1), b], 2).to(device, non_blocking=True)   # J×k×5
+        rois = to_device(torch.cat([torch.zeros(*b.shape[:2], 1), b], 2), device)           # J×k×5
         crops = torch.stack([crop_rois(img, rois[j], size) for j, img in enumerate(images)])
         crops = crops.div_(255.0).clamp_(0.0, 1.0)                           # J×k×3×S×S
         for i, v in enumerate(members):

@@ -27,6 +27,7 @@ from selfsight.data.arrays import ArrayDataset
 from selfsight.data.shards import ShardDataset
 from selfsight.faults import maybe_crash
 from selfsight.masking.views import batch_seed
+from selfsight.nn.device import to_device
 
 
 def default_workers(device: torch.device, world: int = 1) -> int:
@@ -314,17 +315,17 @@ class ViewLoader:
             self.wait += t1 - t0
             if self.batched:
                 images = raw["image"].to(self.device, non_blocking=True)
-                batch = {"views": self.views(images), "label": raw["label"].to(self.device),
+                batch = {"views": self.views(images), "label": to_device(raw["label"], self.device),
                          "skipped": raw["skipped"]}
                 self.augment_time += time.perf_counter() - t1
             elif self.mode == "hybrid":            # uint8 worker crops -> flip, colour, normalize on the device
                 crops, bad = self._device_crops(raw)
                 views = self.views.finish_views(crops, self.view_recipes)
-                batch = {"views": views, "label": raw["label"].to(self.device), "skipped": raw["skipped"] + bad}
+                batch = {"views": views, "label": to_device(raw["label"], self.device), "skipped": raw["skipped"] + bad}
                 self.augment_time += time.perf_counter() - t1
             else:
                 batch = {"views": [v.to(self.device, non_blocking=True) for v in raw["views"]],
-                         "label": raw["label"].to(self.device), "skipped": raw["skipped"]}
+                         "label": to_device(raw["label"], self.device), "skipped": raw["skipped"]}
             if self.masker is not None:           # collate-time masks, reproducible from (seed, epoch, step, rank)
                 t2 = time.perf_counter()
                 batch["masks"] = self.masker(batch["views"], batch_seed(self.seed, epoch, step, self.rank))

@@ -6,10 +6,11 @@ extra forward of one view per step: about a sixth of the step's compute for a tw
 method; evaluation mode so that the backbone's BatchNorm statistics, dropout and drop-path
 are not touched), and trains ``BatchNorm1d(affine=False) -> Linear`` on those features with
 its own Adam optimizer and cross-entropy on the batch labels (samples labeled -1, i.e.
-unlabeled, are left out). Nothing flows back into the backbone: the features are computed
-under ``torch.no_grad``, the probe's parameters are in no optimizer of the run, and building
-the probe draws no random numbers (zero-initialised weights), so the backbone's gradients and
-the run's random streams are the same with and without it (tested).
+unlabeled, weigh 0); its step reads nothing back from the device. Nothing flows back into the
+backbone: the features are computed under ``torch.no_grad``, the probe's parameters are in no
+optimizer of the run, and building the probe draws no random numbers (zero-initialised
+weights), so the backbone's gradients and the run's random streams are the same with and
+without it (tested).
 
 Under DDP every process trains its probe on its own share of the batch and the probe's
 gradients are averaged over the processes (all-reduce), so the probes stay identical (the
@@ -26,7 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from selfsight.nn.distributed import world_size
+from selfsight.engine.optim import step_unless_nonfinite
+from selfsight.nn.distributed import all_ranks, world_size
 
 
 def num_classes_of(dataset) -> int:
@@ -48,7 +50,9 @@ class OnlineProbe(nn.Module):
         # that turning the probe on leaves the run's random number stream as it was
         self.weight = nn.Parameter(torch.zeros(num_classes, dim, device=device))
         self.bias = nn.Parameter(torch.zeros(num_classes, device=device))
-        self.optimizer = torch.optim.Adam([self.weight, self.bias], lr=lr)
+        # fused (CPU and CUDA): a skipped step is skipped on the device (found_inf), no host read
+        fused = torch.device(device).type in ("cpu", "cuda") if device is not None else True
+        self.optimizer = torch.optim.Adam([self.weight, self.bias], lr=lr, fused=fused or None)
         self.register_buffer("sums", torch.zeros(3, device=device, dtype=torch.float64))   # loss·n, correct, n
         self._fn = None
 
@@ -69,32 +73,42 @@ class OnlineProbe(nn.Module):
 
     def step(self, backbone: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp_dtype=None) -> None:
         """One optimizer step of the probe on ``backbone``'s detached features of ``images``
-        (computed under autocast to ``amp_dtype`` when given, as the training step)."""
-        f = self._backbone_features(backbone, images, amp_dtype)
-        keep = labels >= 0
-        ok = bool(keep.sum() > 1 and torch.isfinite(f).all())
-        if world_size() > 1:                    # every process must join the all-reduce below, or none
-            flag = torch.tensor([float(ok)], device=f.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            ok = bool(flag.item() > 0)
-        if not ok:
-            return
-        f, y = f[keep], labels[keep]
+        (computed under autocast to ``amp_dtype`` when given, as the training step).
+
+        Nothing is read back to the host: unlabeled samples (-1) get weight 0 in the normalisation
+        statistics and the loss, instead of being selected out by a boolean mask, and a batch with
+        fewer than two labeled samples or non-finite features leaves the probe as it was (its
+        parameters, Adam state, running statistics and sums), decided on the device, every process
+        agreeing by an all-reduce."""
+        f = self._backbone_features(backbone, images, amp_dtype)                 # B×D
+        w = (labels >= 0).to(f.dtype)                                             # B, 1 = labeled
+        n = w.sum()
+        ok = all_ranks((n > 1) & torch.isfinite(f).all())
+        f = torch.where(ok, f, 0.0)
+        y = labels.clamp(min=0)
         with torch.autocast(f.device.type, enabled=False):
             self.train()
-            logits = self(f)
-            loss = F.cross_entropy(logits, y)
+            with torch.no_grad():                   # BatchNorm1d(affine=False) over the labeled rows
+                count = n.clamp(min=1)
+                mean = (f * w[:, None]).sum(0) / count                            # D
+                var = ((f - mean).square() * w[:, None]).sum(0) / count           # biased, as BN normalises
+                x = (f - mean) * torch.rsqrt(var + self.norm.eps)
+                m, rm, rv = self.norm.momentum, self.norm.running_mean, self.norm.running_var
+                rm.copy_(torch.where(ok, (1 - m) * rm + m * mean, rm))
+                rv.copy_(torch.where(ok, (1 - m) * rv + m * var * n / (n - 1).clamp(min=1), rv))   # unbiased
+                self.norm.num_batches_tracked.add_(ok.long())
+            logits = F.linear(x, self.weight, self.bias)                          # B×K
+            loss = (F.cross_entropy(logits, y, reduction="none") * w).sum() / count
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if world_size() > 1:
             for p in (self.weight, self.bias):
                 dist.all_reduce(p.grad)
                 p.grad /= world_size()
-        self.optimizer.step()
+        step_unless_nonfinite(self.optimizer, ok)
         with torch.no_grad():
-            n = len(y)
-            self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
-                                      torch.tensor(n, dtype=torch.float64, device=f.device)])
+            correct = ((logits.argmax(1) == y).to(w.dtype) * w).sum()
+            self.sums += torch.where(ok, torch.stack([loss.detach() * n, correct, n]).double(), 0.0)
 
     def epoch_stats(self, reset: bool = True) -> dict:
         """Running train top-1 and loss since the last reset, over every process (a collective

@@ -22,7 +22,10 @@ from selfsight.nn.distributed import all_reduce_sum_with_grad, gather_with_grad,
 
 
 def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
-    return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
+    """The D(D-1) off-diagonal entries of a D×D matrix, by a view (as the official code): a boolean
+    mask would find them with ``nonzero``, a read back from the device in every step."""
+    d = m.shape[0]
+    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
 
 
 def barlow_twins_loss(z1n: torch.Tensor, z2n: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from selfsight.masking.generators import MaskGenerator
+from selfsight.nn.device import to_device
 
 
 def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -36,5 +37,5 @@ class ViewMasker:
                 masks.append(None)
                 continue
             gh, gw = self.grid(v.shape[-2:])
-            masks.append(self.generator(v.shape[0], gh, gw, seed * 31 + i).to(v.device, non_blocking=True))
+            masks.append(to_device(self.generator(v.shape[0], gh, gw, seed * 31 + i), v.device))
         return masks

@@ -200,9 +200,8 @@ class MIM(nn.Module):
         return pred, feats.cls, feats.patch.mean(1), grid, agg
 
     def _masked_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if pred.shape[:2] == mask.shape:                                         # decoder: every position
-            return mim_loss(pred, target, mask, self.params.loss, self.params.smooth_l1_beta)
-        return mim_loss(pred, target[mask], None, self.params.loss, self.params.smooth_l1_beta)  # masked only
+        """Every head predicts every position (B×N×...); the loss counts the masked ones."""
+        return mim_loss(pred, target, mask, self.params.loss, self.params.smooth_l1_beta)
 
     def training_step(self, batch: dict, sched: dict) -> dict:
         views, masks = batch["views"], self._masks(batch)

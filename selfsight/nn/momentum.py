@@ -37,8 +37,14 @@ def momentum_update(target, online, m: float, enabled: torch.Tensor | None = Non
     t_params, o_params = _params(target), _params(online)
     if len(t_params) != len(o_params):
         raise ValueError(f"momentum encoder has {len(t_params)} parameters, online encoder {len(o_params)}")
-    weight = 1.0 - m
-    if enabled is not None and t_params:        # lerp weight 0 on a skipped step: t + 0·(o - t) = t
-        weight = enabled.to(device=t_params[0].device, dtype=t_params[0].dtype) * (1.0 - m)
-    # lerp: t + (1 - m)(o - t) = m·t + (1 - m)·o, fused over all tensors
-    torch._foreach_lerp_(t_params, [p.detach() for p in o_params], weight)
+    o_params = [p.detach() for p in o_params]
+    if enabled is None or not t_params:
+        # lerp: t + (1 - m)(o - t) = m·t + (1 - m)·o, fused over all tensors
+        torch._foreach_lerp_(t_params, o_params, 1.0 - m)
+        return
+    # on a skipped step the weight is 0: t + 0·(o - t) = t. The flag is a device tensor; one weight
+    # given as a tensor would be read back as a Python number (the host waiting for the device), so
+    # each tensor gets the 0-d weight of its own (torch's per-tensor path: one lerp per tensor; on the
+    # CPU as fast as the fused one)
+    weight = enabled.to(device=t_params[0].device, dtype=t_params[0].dtype) * (1.0 - m)
+    torch._foreach_lerp_(t_params, o_params, [weight] * len(t_params))

@@ -114,6 +114,35 @@ def test_unlabeled_data_and_bad_keys(tmp_path, fmnist_small, caplog):
     assert probe.weight.abs().sum() > 0 and probe.epoch_stats()["online_probe_samples"] == 6
 
 
+def test_a_probe_step_reads_nothing_back_and_skips_bad_batches_on_the_device(fmnist_small):
+    """Unlabeled samples weigh 0 (the same update as a probe stepped on the labeled ones alone), no
+    read back of any value (reads of CPU tensors counted: the step runs the same on a GPU), and a
+    batch with one labeled sample or a NaN feature leaves parameters, Adam state, running statistics
+    and sums as they were."""
+    from conftest import HostWaits
+    x = fmnist_small.images[:32].double() / 255
+    y = fmnist_small.labels[:32].clone()
+    y[::3] = -1
+    probe, ref, backbone = OnlineProbe(16, 10, lr=0.01).double(), OnlineProbe(16, 10, lr=0.01).double(), _Flat()
+    for _ in range(2):
+        with HostWaits(reads_on_cpu=True) as waits:
+            probe.step(backbone, x, y)
+        assert waits.found == []
+        ref.step(backbone, x[y >= 0], y[y >= 0])
+    torch.testing.assert_close(probe.state_dict(), ref.state_dict(), rtol=1e-6, atol=1e-9)
+    assert probe.epoch_stats(reset=False)["online_probe_samples"] == ref.epoch_stats()["online_probe_samples"]
+    before = ({k: v.clone() for k, v in probe.state_dict().items()},
+              {k: v.clone() for k, v in probe.optimizer.state_dict()["state"][0].items()})
+    one_labeled = torch.full_like(y, -1)
+    one_labeled[0] = 3
+    nan_image = x.clone()
+    nan_image[5] = float("nan")
+    probe.step(backbone, x, one_labeled)
+    probe.step(backbone, nan_image, y)
+    torch.testing.assert_close(probe.state_dict(), before[0], rtol=0, atol=0)
+    torch.testing.assert_close(probe.optimizer.state_dict()["state"][0], before[1], rtol=0, atol=0)
+
+
 class _Flat(torch.nn.Module):
     """A tiny backbone behind the contract (forward_features -> .cls)."""
 

@@ -127,3 +127,21 @@ def test_weight_decay_reaches_norms_and_biases_where_the_official_code_puts_it(m
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     bn_group = next(g for g in param_groups(net, cfg.optim.decay_all) if any(p is net[1].weight for p in g["params"]))
     assert (bn_group.get("weight_decay") != 0.0) is decays_all
+
+
+@pytest.mark.parametrize("clip_mode", ["global", "per_param"])
+def test_the_update_after_backward_never_makes_the_host_wait(clip_mode):
+    """Finiteness check, clipping and a LARS step skipped or taken on the device: no blocking upload
+    and no read back (``meta`` device, conftest.HostWaits)."""
+    from conftest import HostWaits
+    from selfsight.engine.optim import LARS, gradients_finite, param_groups, step_unless_nonfinite
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).to("meta")
+    opt = LARS(param_groups(net), lr=0.1, weight_decay=1e-4)
+    for p in net.parameters():
+        p.grad = torch.empty_like(p)
+    with HostWaits() as waits:
+        ok = gradients_finite(net.parameters())
+        clip_gradients(net.parameters(), 1.0, clip_mode)
+        step_unless_nonfinite(opt, ok)
+    assert waits.found == []

@@ -103,9 +103,9 @@ def test_beit_cross_entropy_counts_the_masked_positions_only(vq_run, fmnist_smal
     loss = model(batch, {})["loss"]
     mask = masks[0].flatten(1)                                               # B×N, True = masked
     assert 0 < mask.float().mean() < 0.8
-    pred, _, _, grid, _ = model.encode(x, mask)                               # logits of the masked tokens
+    pred, _, _, grid, _ = model.encode(x, mask)                               # B×N×K logits of every token
     ids = model.target(x, grid)                                              # B×N token ids, intact view
-    reference = -F.log_softmax(pred.float(), -1).gather(1, ids[mask][:, None]).mean()
+    reference = -F.log_softmax(pred[mask].float(), -1).gather(1, ids[mask][:, None]).mean()
     torch.testing.assert_close(loss, reference)
     # ids changed at visible positions leave the loss alone; at a masked position they move it
     real_target = model.target
