@@ -6,8 +6,10 @@
 #   OUT=bench_gpu STAGES="cache device" DEMO_MINUTES=0 bash benchmarks/gpu_checks.sh
 #
 # 1. versions and the GPU;
-# 2. the stages named in STAGES (default "eager compile device cache"), each gpu_throughput.py over
-#    SimCLR ResNet-50, DINO ViT-S/16 multi-crop and MAE ViT-B/16 on the same JPEG folder:
+# 2. the stages named in STAGES (default "syncs eager compile device cache"), each gpu_throughput.py
+#    over SimCLR ResNet-50, DINO ViT-S/16 multi-crop and MAE ViT-B/16 on the same JPEG folder:
+#    syncs:   the uint8 cache, eager, every host-device synchronisation of the timed steps counted
+#             with the code line that caused it (--syncs; zero is the target);
 #    eager:   JPEGs decoded and cropped in DataLoader workers, the rest batched on the GPU;
 #    compile: the same with train.compile=true;
 #    device:  train.compile=true and data.decode=device (nvJPEG decodes, the GPU crops);
@@ -29,7 +31,7 @@ STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-10}
 DEMO_MINUTES=${DEMO_MINUTES:-1}
 EXTRA=${EXTRA:-}
-STAGES=${STAGES:-eager compile device cache}
+STAGES=${STAGES:-syncs eager compile device cache}
 JPEGS=$(mktemp -d /tmp/gpu_checks_jpegs.XXXXXX)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -44,11 +46,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 src="--make $JPEGS --files $FILES"          # the first stage makes the JPEGs, the others reuse them
 for s in $STAGES; do
   case $s in
+    syncs)   flags="--set data.cache=true --syncs" ;;
     eager)   flags="" ;;
     compile) flags="--compile" ;;
     device)  flags="--compile --set data.decode=device" ;;
     cache)   flags="--compile --set data.cache=true" ;;
-    *) echo "unknown stage $s (eager, compile, device, cache)"; continue ;;
+    *) echo "unknown stage $s (syncs, eager, compile, device, cache)"; continue ;;
   esac
   stage "$s: $flags"
   timeout 600 $BENCH $src $flags --timeout 240 --out $OUT/$s

@@ -30,6 +30,12 @@ printed beside the results: MFU >= 35 % for the ViT recipes, >= 25 % for ResNet-
     python benchmarks/gpu_throughput.py --make /tmp/jpegs --recipes simclr_r50   # keep the JPEGs, then
     python benchmarks/gpu_throughput.py --data /tmp/jpegs --set data.cache=true  # the decoded uint8 cache
 
+``--syncs`` (CUDA): the timed steps run under ``torch.cuda.set_sync_debug_mode("warn")``, and each
+row counts the operations that made the host wait for the GPU (a blocking upload, a read back),
+per step, apart from the bookkeeping's own reads (metric rows every ``train.log_every`` steps, the
+final checkpoint and pictures), with the code lines that caused them. Zero means the host can
+prepare the next batch while the GPU computes.
+
 ``--out DIR`` writes ``DIR/gpu_throughput.json`` and ``DIR/gpu_throughput.md``.
 """
 from __future__ import annotations
@@ -45,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings as pywarnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +213,51 @@ def timed_window(metrics: Path, warmup: int, batch: int) -> dict:
     return {"steps": steps, "seconds": seconds, "wait": wait, "aug": aug}
 
 
+class _HostSyncs:
+    """Counts the host-device synchronisations of a ``Trainer`` from the step ``start`` on, under
+    ``torch.cuda.set_sync_debug_mode("warn")``; those of its bookkeeping (the metric rows read the
+    loss on purpose, the final checkpoint and pictures copy to the host) are counted apart."""
+
+    def __init__(self, tr, start: int):
+        self.in_log, self.on, self.sites, self.log_syncs = False, False, {}, 0
+        for name in ("_flush_window", "_read_counters", "save", "write_pictures"):
+            setattr(tr, name, self._marking(getattr(tr, name)))
+        real_step = tr._step
+
+        def step(batch, sched, window):
+            if tr.step == start and not self.on:
+                import torch
+                pywarnings.simplefilter("always")
+                pywarnings.showwarning = self._seen
+                torch.cuda.set_sync_debug_mode("warn")
+                self.on = True
+            return real_step(batch, sched, window)
+        tr._step = step
+
+    def _marking(self, fn):
+        def marked(*a, **k):
+            self.in_log = True
+            try:
+                return fn(*a, **k)
+            finally:
+                self.in_log = False
+        return marked
+
+    def _seen(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        if self.in_log:
+            self.log_syncs += 1
+        else:
+            where = f"{Path(filename).name}:{lineno}"
+            self.sites[where] = self.sites.get(where, 0) + 1
+
+    def row(self, steps: int) -> dict:
+        top = sorted(self.sites.items(), key=lambda kv: -kv[1])[:5]
+        return {"host_syncs_per_step": sum(self.sites.values()) / max(steps, 1), "host_sync_sites": top,
+                "log_row_syncs": self.log_syncs}
+
+
 def run_recipe(args, name: str) -> dict:
     import torch
     from selfsight.config import load_config
@@ -227,10 +279,13 @@ def run_recipe(args, name: str) -> dict:
         tr = Trainer(cfg, run_dir)
         flops = step_flops(tr)
         cuda = tr.device.type == "cuda"
+        syncs = _HostSyncs(tr, args.warmup) if args.syncs and cuda else None
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         tr.fit()
+        if syncs is not None:
+            torch.cuda.set_sync_debug_mode(0)
         compiled = bool(tr.compiled)            # emptied when compiling failed and the run went on eagerly
         graphs = compiled_graphs()
         w = timed_window(run_dir / "metrics.jsonl", args.warmup, batch)
@@ -256,7 +311,8 @@ def run_recipe(args, name: str) -> dict:
             "augment_share": w["aug"] / w["seconds"],
             "peak_mem_gb": peak_gb, "peak_mem_kind": "GPU allocated" if cuda else "process RSS",
             "gflop_per_step": flops / 1e9, "peak_tflops": peak,
-            "mfu": flops * steps_per_s / (peak * 1e12) if peak else None}
+            "mfu": flops * steps_per_s / (peak * 1e12) if peak else None,
+            **(syncs.row(args.steps) if syncs is not None else {})}
 
 
 # -------------------------------------------------------------------------------------- report
@@ -276,6 +332,11 @@ def markdown(rows: list[dict], head: str) -> str:
         lines.append(f"| {label} | {r['batch']} | {r['images_per_s']:.0f} | {r['step_ms']:.0f} | "
                      f"{100 * r['data_wait']:.1f} % | {100 * r.get('augment_share', 0.0):.1f} % | {r['peak_mem_gb']:.1f} | {r['gflop_per_step']:.4g} | {mfu} | "
                      f">= {100 * target:.0f} %: {ok_mfu}; wait: {ok_wait} |")
+    for r in rows:
+        if "host_syncs_per_step" in r:
+            sites = ", ".join(f"{where} ({n})" for where, n in r["host_sync_sites"]) or "none"
+            lines.append(f"\n{r['label']}: {r['host_syncs_per_step']:.2f} host syncs per step outside the bookkeeping "
+                         f"(sites: {sites}); {r['log_row_syncs']} in writing metric rows, checkpoint and pictures")
     return "\n".join(lines)
 
 
@@ -294,6 +355,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=-1, help="DataLoader workers (default: CPU cores - 2; --tiny 1)")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPUs")
     ap.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile)")
+    ap.add_argument("--syncs", action="store_true", help="count host-device synchronisations per step (CUDA)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="peak FLOP/s of the device (default: by GPU name)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and images, 1+2 steps: a CPU smoke check")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per recipe before it is stopped")
@@ -339,6 +401,7 @@ def main() -> None:
                    "--precision", args.precision, "--peak-tflops", str(args.peak_tflops),
                    "--log-every", str(log_every)] + [f"--set={o}" for o in args.set] \
                 + (["--compile"] if args.compile else []) \
+                + (["--syncs"] if args.syncs else []) \
                 + (["--tiny"] if args.tiny else [])
             t0 = time.perf_counter()
             try:

@@ -87,3 +87,38 @@ def test_scaling_expectations():
     assert scaling.expected("size", 96, 32, {}, {}) == 9
     assert scaling.expected("crops", 8, 0, {}, {}) == pytest.approx(1.75)
     assert scaling.expected("mask", 0.9, 0.75, {"visible_tokens": 6}, {"visible_tokens": 16}) == 6 / 16
+
+
+def test_host_syncs_are_counted_per_site_and_bookkeeping_apart():
+    """``--syncs``: the counter's bookkeeping marks and its row (the CUDA debug mode itself is not
+    available here, so warnings are fed to it as the mode would raise them)."""
+    class FakeTrainer:
+        step = 0
+
+        def _step(self, *a):
+            pass
+
+        def _flush_window(self):
+            counter._seen("called a synchronizing CUDA operation", UserWarning, "/x/trainer.py", 545)
+
+        def _read_counters(self):
+            pass
+
+        def save(self):
+            counter._seen("called a synchronizing CUDA operation", UserWarning, "/x/checkpoint.py", 9)
+
+        def write_pictures(self):
+            pass
+    tr = FakeTrainer()
+    counter = gt._HostSyncs(tr, start=5)
+    for _ in range(2):
+        counter._seen("called a synchronizing CUDA operation", UserWarning, "/x/momentum.py", 44)
+    counter._seen("something else", UserWarning, "/x/a.py", 1)
+    tr._flush_window()
+    tr.save()
+    row = counter.row(steps=4)
+    assert row == {"host_syncs_per_step": 0.5, "host_sync_sites": [("momentum.py:44", 2)], "log_row_syncs": 2}
+    base = {"label": "DINO", "family": "vit", "batch": 8, "images_per_s": 1.0, "step_ms": 1.0, "data_wait": 0.0,
+            "peak_mem_gb": 1.0, "gflop_per_step": 1.0, "mfu": None}
+    text = gt.markdown([{**base, **row}], "head")
+    assert "DINO: 0.50 host syncs per step outside the bookkeeping (sites: momentum.py:44 (2)); 2 in " in text
