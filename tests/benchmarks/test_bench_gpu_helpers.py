@@ -1,4 +1,4 @@
-"""The measuring parts of benchmarks/gpu_throughput.py and benchmarks/scaling.py (never timings)."""
+"""The measuring parts of benchmarks/gpu_throughput.py, scaling.py and throughput_vs_lightly.py (never timings)."""
 from __future__ import annotations
 
 import json
@@ -122,3 +122,15 @@ def test_host_syncs_are_counted_per_site_and_bookkeeping_apart():
             "peak_mem_gb": 1.0, "gflop_per_step": 1.0, "mfu": None}
     text = gt.markdown([{**base, **row}], "head")
     assert "DINO: 0.50 host syncs per step outside the bookkeeping (sites: momentum.py:44 (2)); 2 in " in text
+
+
+def test_lightly_benchmark_ratios_pair_rounds_and_skip_missing_values():
+    """throughput_vs_lightly.py: each round's row over the same round's lightly row, median and range;
+    ``--ceiling`` rows compare step alone with step alone."""
+    import throughput_vs_lightly as tl
+    rows = [{"images_per_s": 300.0, "alone_images_per_s": 330.0}, None, {"images_per_s": 200.0}]
+    ref = [{"images_per_s": 150.0, "alone_images_per_s": 300.0}, {"images_per_s": 100.0},
+           {"images_per_s": 200.0, "alone_images_per_s": 250.0}]
+    assert tl._ratios(rows, ref, "images_per_s") == "1.50x (1.00-2.00)"
+    assert tl._ratios(rows, ref, "alone_images_per_s", "alone_images_per_s") == "1.10x"
+    assert tl._ratios([None], ref, "images_per_s") == "n/a"
