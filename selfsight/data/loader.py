@@ -314,7 +314,7 @@ class ViewLoader:
             t1 = time.perf_counter()
             self.wait += t1 - t0
             if self.batched:
-                images = raw["image"].to(self.device, non_blocking=True)
+                images = to_device(raw["image"], self.device)
                 batch = {"views": self.views(images), "label": to_device(raw["label"], self.device),
                          "skipped": raw["skipped"]}
                 self.augment_time += time.perf_counter() - t1
@@ -324,7 +324,7 @@ class ViewLoader:
                 batch = {"views": views, "label": to_device(raw["label"], self.device), "skipped": raw["skipped"] + bad}
                 self.augment_time += time.perf_counter() - t1
             else:
-                batch = {"views": [v.to(self.device, non_blocking=True) for v in raw["views"]],
+                batch = {"views": [to_device(v, self.device) for v in raw["views"]],
                          "label": to_device(raw["label"], self.device), "skipped": raw["skipped"]}
             if self.masker is not None:           # collate-time masks, reproducible from (seed, epoch, step, rank)
                 t2 = time.perf_counter()
@@ -337,15 +337,15 @@ class ViewLoader:
     def _device_crops(self, raw: dict) -> tuple[list[torch.Tensor], int]:
         """The hybrid batch's crops on the device: the workers' uint8 crops, plus (``data.decode=
         device``) the JPEGs decoded and cropped here; returns them and the JPEGs no decoder read."""
-        views = [v.to(self.device, non_blocking=True) for v in raw["views"]]
+        views = [to_device(v, self.device) for v in raw["views"]]
         if "jpeg" not in raw:
             return views, 0
         jpegs = list(torch.split(raw["jpeg"], raw["jpeg_sizes"].tolist()))
         crops, bad = decode_and_crop(jpegs, raw["boxes"], self.view_recipes, self.jpeg_decoder)
         if not views:                       # every image of the batch was a JPEG decoded here
             return crops, bad
-        at_jpeg = raw["jpeg_index"].to(self.device, non_blocking=True)
-        at_decoded = raw["decoded_index"].to(self.device, non_blocking=True)
+        at_jpeg = to_device(raw["jpeg_index"], self.device)
+        at_decoded = to_device(raw["decoded_index"], self.device)
         out = []
         for crop, view in zip(crops, views):
             full = crop.new_empty((len(raw["label"]), *crop.shape[1:]))

@@ -13,13 +13,15 @@ import torch
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on ``device``, copied asynchronously (through pinned memory on CUDA)."""
+    """A CPU tensor on ``device``, copied asynchronously (through pinned memory on CUDA). On Apple's
+    MPS an asynchronous copy of pageable memory can read the source after it is freed (pytorch
+    issue 189690), so the copy there is a plain one."""
     device = torch.device(device)
     if device.type == "cpu":
         return t
     if device.type == "cuda" and not t.is_pinned():
         t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    return t.to(device, non_blocking=device.type != "mps")
 
 
 @functools.lru_cache(maxsize=None)
