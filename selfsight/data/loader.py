@@ -313,19 +313,19 @@ class ViewLoader:
                 return
             t1 = time.perf_counter()
             self.wait += t1 - t0
+            label = to_device(raw["label"], self.device)
             if self.batched:
                 images = to_device(raw["image"], self.device)
-                batch = {"views": self.views(images), "label": to_device(raw["label"], self.device),
-                         "skipped": raw["skipped"]}
+                batch = {"views": self.views(images), "label": label, "skipped": raw["skipped"]}
                 self.augment_time += time.perf_counter() - t1
             elif self.mode == "hybrid":            # uint8 worker crops -> flip, colour, normalize on the device
                 crops, bad = self._device_crops(raw)
                 views = self.views.finish_views(crops, self.view_recipes)
-                batch = {"views": views, "label": to_device(raw["label"], self.device), "skipped": raw["skipped"] + bad}
+                batch = {"views": views, "label": label, "skipped": raw["skipped"] + bad}
                 self.augment_time += time.perf_counter() - t1
             else:
-                batch = {"views": [to_device(v, self.device) for v in raw["views"]],
-                         "label": to_device(raw["label"], self.device), "skipped": raw["skipped"]}
+                batch = {"views": [to_device(v, self.device) for v in raw["views"]], "label": label,
+                         "skipped": raw["skipped"]}
             if self.masker is not None:           # collate-time masks, reproducible from (seed, epoch, step, rank)
                 t2 = time.perf_counter()
                 batch["masks"] = self.masker(batch["views"], batch_seed(self.seed, epoch, step, self.rank))
