@@ -7,9 +7,11 @@ Multi-process: ``torchrun --nproc_per_node N -m selfsight pretrain ...`` (see do
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,10 +33,14 @@ def default_recipe(method: str | None, data: str | None) -> str | None:
     return str(recipes_dir() / f"{name}.yaml") if (recipes_dir() / f"{name}.yaml").exists() else None
 
 
+BUDGET_KEYS = ("steps", "epochs", "minutes")
+CHECKPOINT_FILE = "checkpoint.pt"          # engine.trainer.CHECKPOINT (not imported: it loads torch)
+
+
 def _budget_flags(args, flags: dict) -> dict:
-    for key, val in (("minutes", args.minutes), ("epochs", args.epochs), ("steps", args.steps)):
-        if val is not None:
-            flags.setdefault("train", {})[key] = val
+    for key in BUDGET_KEYS:
+        if getattr(args, key) is not None:
+            flags.setdefault("train", {})[key] = getattr(args, key)
     if args.data:
         flags.setdefault("data", {})["train"] = args.data
     if getattr(args, "batch_size", None):
@@ -42,14 +48,49 @@ def _budget_flags(args, flags: dict) -> dict:
     return flags
 
 
+def _budget_given(args) -> bool:
+    """A budget on this command line: --steps/--epochs/--minutes or train.steps=... settings."""
+    keys = {f"train.{k}" for k in BUDGET_KEYS}
+    return any(getattr(args, k) is not None for k in BUDGET_KEYS) or \
+        any(o.partition("=")[0].strip() in keys for o in args.overrides)
+
+
+def _check_resume(args) -> None:
+    """``--resume`` needs a checkpoint in --out (starting fresh is never implicit);
+    ``--auto-resume`` continues when there is one and starts a new run when there is none."""
+    out = Path(args.out)
+    ck = out / CHECKPOINT_FILE
+    if getattr(args, "auto_resume", False):
+        args.resume = ck.exists()
+        logging.getLogger("selfsight").info("--auto-resume: %s", f"continuing from {ck}" if args.resume
+                                            else f"no checkpoint in {out} yet, starting a new run")
+        return
+    if not args.resume or ck.exists():
+        return
+    if not out.exists():
+        why = f"{out} does not exist (a typo in --out?)"
+    elif (out / "config.yaml").exists():
+        why = (f"the run in {out} stopped before its first checkpoint (train.checkpoint_every); "
+               "start it again without --resume")
+    else:
+        why = f"{out} holds no run"
+    raise ValueError(f"--resume: nothing to resume, {why}; to start a new run, leave out --resume")
+
+
 def _run_config(args, flags: dict, recipe: str | None):
     """The run's config: its saved config when resuming, else --config or the bundled ``recipe``,
-    then the CLI flags and key=value overrides."""
+    then the CLI flags and key=value overrides. A budget given with --resume replaces the saved
+    one (steps, epochs and minutes together): the run then trains to the new budget."""
     from selfsight.config import load_config
+    _check_resume(args)
     files = []
     saved = Path(args.out) / "config.yaml"
     if args.resume and saved.exists():
         files.append(str(saved))                         # the run's own resolved config comes first
+        if _budget_given(args):
+            train = flags.setdefault("train", {})
+            for key in BUDGET_KEYS:
+                train.setdefault(key, 0)
     elif args.config:
         files.append(args.config)
     elif recipe:
@@ -58,6 +99,12 @@ def _run_config(args, flags: dict, recipe: str | None):
     if args.resume and args.config and saved.exists():
         files.append(args.config)
     return load_config(files, args.overrides, flags)
+
+
+def _exit_code(result: dict) -> int:
+    """0 for a finished run; 128 + the signal's number for one stopped by SIGINT (130) or SIGTERM
+    (143) after writing its checkpoint, so that ``pretrain && eval`` stops after an interrupt."""
+    return 128 + result["signal"] if result.get("signal") else 0
 
 
 def cmd_pretrain(args) -> int:
@@ -71,7 +118,7 @@ def cmd_pretrain(args) -> int:
                       default_recipe(args.method or "simclr", args.data or "fashion-mnist"))
     result = pretrain(cfg, args.out, resume=args.resume)
     print(json.dumps(result))
-    return 0
+    return _exit_code(result)
 
 
 def cmd_tokenizer_train(args) -> int:
@@ -90,7 +137,7 @@ def cmd_tokenizer_train(args) -> int:
     result = pretrain(cfg, args.out, resume=args.resume)
     result["tokenizer"] = str(Path(args.out) / "tokenizer.pt")
     print(json.dumps(result))
-    return 0
+    return _exit_code(result)
 
 
 def _finish_eval(args, res: dict, line: str) -> int:
@@ -103,12 +150,18 @@ def _finish_eval(args, res: dict, line: str) -> int:
     return 0
 
 
+def _classes(res: dict) -> str:
+    from selfsight.eval.labels import describe_classes
+    return f"\n  scored on {describe_classes(res)}"
+
+
 def cmd_eval_knn(args) -> int:
     from selfsight.eval.run_knn import evaluate_knn
     res = evaluate_knn(args.run, args.train, args.test, args.k, args.temperature, args.baseline,
-                       device=args.device, data_root=args.data_root, features=args.features)
+                       device=args.device, data_root=args.data_root, features=args.features,
+                       unknown_classes=args.unknown_classes)
     line = (f"kNN (k={res['k']}, T={res['temperature']}) {res['model']} {res['method']}/{res['backbone']} "
-            f"on {res['test']}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}")
+            f"on {res['test']}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}{_classes(res)}")
     return _finish_eval(args, res, line)
 
 
@@ -120,14 +173,15 @@ def cmd_eval_linear(args) -> int:
                                    data_root=args.data_root, features=args.features, epochs=args.epochs,
                                    lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
                                    warmup_epochs=args.warmup_epochs, batchnorm=not args.no_batchnorm,
-                                   workers=args.workers, crop_scale=(args.crop_min, 1.0))
+                                   workers=args.workers, crop_scale=(args.crop_min, 1.0),
+                                   unknown_classes=args.unknown_classes)
     else:
         res = evaluate_linear(args.run, args.train, args.test, args.baseline, device=args.device,
                               data_root=args.data_root, features=args.features, epochs=args.epochs,
-                              batchnorm=not args.no_batchnorm)
+                              batchnorm=not args.no_batchnorm, unknown_classes=args.unknown_classes)
     line = (f"{'full ' if args.full else ''}linear probe ({args.epochs} epochs, lr {res['lr']}, "
             f"wd {res['weight_decay']}) {res['model']} {res['method']}/{res['backbone']} on {res['test']}: "
-            f"top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}")
+            f"top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}{_classes(res)}")
     return _finish_eval(args, res, line)
 
 
@@ -137,10 +191,11 @@ def cmd_eval_finetune(args) -> int:
                    layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
                    warmup_epochs=args.warmup_epochs, drop_path=args.drop_path, features=args.features,
                    optimizer=args.optimizer, device=args.device, baseline=args.baseline,
-                   max_train_images=args.images, data_root=args.data_root, head_norm=args.head_norm)
+                   max_train_images=args.images, data_root=args.data_root, head_norm=args.head_norm,
+                   unknown_classes=args.unknown_classes)
     line = (f"fine-tune ({res['epochs']} epochs, {res['optimizer']}, lr {res['lr']:.3g}, layer decay "
             f"{res['layer_decay']}) {res['model']} {res['method']}/{res['backbone']} on {res['test']}: "
-            f"top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}")
+            f"top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}{_classes(res)}")
     return _finish_eval(args, res, line)
 
 
@@ -185,11 +240,26 @@ def cmd_export(args) -> int:
     if args.json:
         print(json.dumps({"out": args.out, **{k: v for k, v in meta.items() if k != "config"}}))
     else:
-        build = (meta.get("torchvision") or meta.get("timm") or {}).get("build", "selfsight.load_backbone(FILE)")
         print(f"exported {meta['method']}/{meta['backbone']} ({meta['feature_dim']}-d features, "
               f"{meta['image_size']} px, {meta['channels']} channels) as {args.format} -> {args.out}\n"
-              f"load into: {build if args.format in ('torchvision', 'timm') else 'selfsight.load_backbone(FILE)'}")
+              f"load with: {_load_hint(meta, args.format, args.out)}")
     return 0
+
+
+def _load_hint(meta: dict, fmt: str, out: str) -> str:
+    """How to load an export, as one line of Python."""
+    if fmt == "onnx":
+        return (f"onnxruntime.InferenceSession({out!r}).run(None, {{'image': x}}) with x float32 "
+                f"B×{meta['channels']}×{meta['image_size']}×{meta['image_size']}, normalized as {out}.json says "
+                "(selfsight.load_backbone reads safetensors/torch exports and runs)")
+    read = f"safetensors.torch.load_file({out!r})" if out.lower().endswith(".safetensors") \
+        else f"torch.load({out!r}, weights_only=True)"
+    if fmt in ("torchvision", "timm"):
+        spec = meta.get("torchvision") or meta.get("timm") or {}
+        build = spec.get("build", "") if fmt == "timm" or spec.get("stock") else \
+            f"selfsight.deploy.torchvision_model(selfsight.deploy.read_metadata({out!r}))"
+        return f"{build}.load_state_dict({read}) (strict), or selfsight.load_backbone({out!r})"
+    return f"selfsight.load_backbone({out!r}) (the state dict itself: {read})"
 
 
 def cmd_embed(args) -> int:
@@ -211,8 +281,15 @@ def cmd_neighbors(args) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
+        query = args.query
+        if str(query).isdigit() and not Path(query).exists():        # a row of the collection: name it
+            from selfsight.deploy import load_embeddings
+            names = load_embeddings(args.embeddings)[1]
+            query = f"image {query} ({names[int(query)]})"
+        print(f"the {len(rows)} images of {args.embeddings} nearest to {query} (cosine similarity; the query "
+              f"itself left out):\nrank   score    index  file")
         for r in rows:
-            print(f"{r['rank']:3d}  {r['score']:.4f}  {r['index']:7d}  {r['file']}")
+            print(f"{r['rank'] + 1:4d}  {r['score']:.4f}  {r['index']:7d}  {r['file']}")
         if args.picture:
             print(f"picture -> {args.picture}")
     return 0
@@ -251,15 +328,22 @@ def cmd_demo(args) -> int:
     cfg = load_config([str(recipes_dir() / "simclr_fashion_mnist.yaml")], overrides)
     if not resume:
         res = pretrain(cfg, out)
+        if res.get("signal"):
+            print(f"interrupted at step {res['steps']} (checkpoint written); `selfsight pretrain --out {out} --resume` "
+                  "continues it", file=sys.stderr)
+            return _exit_code(res)
         print(f"pretrained {res['steps']} steps ({res['epochs']:.2f} epochs) in {res['minutes']:.1f} min -> {out}")
     else:
         print(f"{out} already holds a pretrained run; evaluating it (delete the folder to train again)")
     rows = []
+    print("kNN evaluation: features of the 70,000 Fashion-MNIST images for the trained backbone and the two "
+          "baselines (a few minutes on a CPU)", flush=True)
     for baseline, label in ((None, "SimCLR (trained)"), ("pixels", "raw pixels (mean-centred)"),
                             ("random", f"{cfg.backbone.name} at random init")):
         r = evaluate_knn(str(out), "fashion-mnist", "fashion-mnist:test", cfg.eval.knn_k, cfg.eval.knn_temperature,
                          baseline)
         rows.append((label, r["top1"], r["top5"]))
+        print(f"  {label}: top-1 {r['top1']:.4f} ({r['seconds']:.0f} s)", flush=True)
     print(f"\nkNN on Fashion-MNIST test (10,000 images; bank = 60,000 train; k={cfg.eval.knn_k}, "
           f"T={cfg.eval.knn_temperature})")
     print(f"| {'features':32s} | top-1  | top-5  |\n|{'-' * 34}|--------|--------|")
@@ -270,15 +354,22 @@ def cmd_demo(args) -> int:
 
 def _run_options(p: argparse.ArgumentParser, out_help: str, override_example: str) -> None:
     """The options of a training run: data, output folder, budget, recipe, resume, overrides."""
-    p.add_argument("--data", help="built-in set (fashion-mnist, cifar10, ...) or a folder of images")
+    p.add_argument("--data", help="built-in set (fashion-mnist, cifar10, cifar100, stl10[:split]), a folder of "
+                                  "images or tar shards (default: the recipe's; fashion-mnist)")
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--minutes", type=float, help="wall-clock budget")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch size")
-    p.add_argument("--config", help="YAML recipe (file or bundled name)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("overrides", nargs="*", help=f"key=value config overrides, e.g. {override_example}")
+    p.add_argument("--minutes", type=float, help="budget: minutes of training (over all sessions of the run)")
+    p.add_argument("--epochs", type=float, help="budget: passes over the data (fractions allowed)")
+    p.add_argument("--steps", type=int, help="budget: optimizer steps")
+    p.add_argument("--batch-size", type=int, help="global batch size over all processes (default: the recipe's)")
+    p.add_argument("--config", help="YAML recipe: a file or a bundled name (see `selfsight methods`)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its checkpoint (an error when there is none); a budget "
+                        "given with it replaces the run's budget")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue from OUT's checkpoint when there is one, else start a new run (for schedulers "
+                        "that rerun the same command)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"config settings anywhere on the line, e.g. {override_example}")
 
 
 def _eval_options(p: argparse.ArgumentParser, train_help: str) -> None:
@@ -288,11 +379,14 @@ def _eval_options(p: argparse.ArgumentParser, train_help: str) -> None:
     p.add_argument("--test", required=True, help="labeled data to classify")
     _features_option(p)
     p.add_argument("--baseline", choices=["pixels", "random"], help="evaluate a baseline instead of the trained backbone")
+    p.add_argument("--unknown-classes", default="error", choices=["error", "wrong"],
+                   help="test classes (matched to the training classes by name) that the training data lacks: "
+                        "error (default), or wrong: keep their images and score them as wrong")
     _common_eval_options(p)
 
 
 def _features_arg(value: str) -> str:
-    from selfsight.eval.features import parse_features
+    from selfsight.eval.feature_choice import parse_features
     try:
         parse_features(value)
     except ValueError as e:
@@ -301,7 +395,7 @@ def _features_arg(value: str) -> str:
 
 
 def _features_option(p: argparse.ArgumentParser) -> None:
-    from selfsight.eval.features import FEATURES_HELP
+    from selfsight.eval.feature_choice import FEATURES_HELP
     p.add_argument("--features", default="cls", type=_features_arg, metavar="{cls,mean,cls+mean,lastN,lastN+mean}",
                    help=f"{FEATURES_HELP} (default cls)")
 
@@ -318,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"selfsight {__version__}")
     sub = ap.add_subparsers(dest="verb", required=True)
 
-    p = sub.add_parser("pretrain", help="pretrain an encoder without labels")
+    p = sub.add_parser("pretrain", help="pretrain an encoder without labels",
+                       description="Pretrain an encoder without labels. A budget is needed: --steps, --epochs "
+                                   "or --minutes (or train.steps/epochs/minutes in the recipe). Defaults: "
+                                   "--method simclr, --data fashion-mnist, and the bundled recipe "
+                                   "METHOD_DATA when one exists (`selfsight methods` lists them); key=value "
+                                   "settings override any config key (docs/usage.md).")
     p.add_argument("--method", help="simclr, ... (see `selfsight methods`)")
     p.add_argument("--backbone", help="resnet18, vit_small, ... (see `selfsight methods`)")
     _run_options(p, "run folder (checkpoint, config, metrics, TensorBoard)", "optim.lr=0.1")
@@ -337,13 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="protocol", required=True)
     k = esub.add_parser("knn", help="weighted kNN on frozen features (DINO protocol)")
     _eval_options(k, "labeled data for the feature bank")
-    k.add_argument("--k", type=int, default=20)
-    k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
+    k.add_argument("--temperature", type=float, default=0.07,
+                   help="the votes weigh exp(cosine / T) (default 0.07, as DINO)")
     k.set_defaults(func=cmd_eval_knn)
 
     lp = esub.add_parser("linear", help="linear probe on frozen features (lr/wd chosen on held-out train data)")
     _eval_options(lp, "labeled data to fit the classifier")
-    lp.add_argument("--epochs", type=int, default=30)
+    lp.add_argument("--epochs", type=int, default=30, help="training epochs of the classifier (default 30)")
     lp.add_argument("--no-batchnorm", action="store_true", help="no standardisation in front (MAE's BatchNorm)")
     lp.add_argument("--full", action="store_true",
                     help="the full path (GPU): frozen backbone, random-resized-crop + flip every epoch, SGD + cosine")
@@ -357,11 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = esub.add_parser("finetune", help="fine-tune the whole backbone with a new linear head (docs/usage.md)")
     _eval_options(ft, "labeled data to fine-tune on")
-    ft.add_argument("--epochs", type=int, default=10)
-    ft.add_argument("--batch-size", type=int, default=256)
+    ft.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
+    ft.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
     ft.add_argument("--lr", type=float, help="base lr at batch 256, scaled by B/256 (default: ViTs 5e-4, ResNets 0.1)")
     ft.add_argument("--layer-decay", type=float, default=0.75, help="ViTs: layer-wise lr decay (default 0.75; 1 = off)")
-    ft.add_argument("--label-smoothing", type=float, default=0.1)
+    ft.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy (default 0.1)")
     ft.add_argument("--weight-decay", type=float, help="default: ViTs 0.05 (AdamW), ResNets 1e-4 (SGD)")
     ft.add_argument("--warmup-epochs", type=float, help="default: a tenth of the epochs, at most 5")
     ft.add_argument("--drop-path", type=float, help="ViTs: stochastic depth of the last block (default 0.1)")
@@ -406,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write the evaluation backbone alone (safetensors, torchvision, timm, onnx)")
     x.add_argument("run", help="run folder or checkpoint file")
-    x.add_argument("--out", required=True, help="output file (.safetensors; .onnx for --format onnx)")
+    x.add_argument("--out", required=True,
+                   help="output file: .safetensors, or .pt/.pth (a torch state dict with FILE.json beside it); "
+                        ".onnx for --format onnx")
     x.add_argument("--format", default="safetensors", choices=["safetensors", "torchvision", "timm", "onnx"],
                    help="safetensors: selfsight's backbone; torchvision (ResNets) / timm (ViTs): their state-dict "
                         "keys (strict=True); onnx: x -> features (default safetensors)")
@@ -417,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("model", help="exported .safetensors file, run folder or checkpoint")
     em.add_argument("folder", help="folder of images (searched recursively)")
     em.add_argument("--out", required=True, help="OUT.npy (+ OUT.files.txt, OUT.json) or OUT.parquet (pyarrow)")
-    em.add_argument("--batch-size", type=int, default=256)
+    em.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     em.add_argument("--workers", type=int, default=2, help="image-decoding processes")
     em.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
     em.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -427,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb = sub.add_parser("neighbors", help="most similar images of an embedding file (cosine)")
     nb.add_argument("embeddings", help="output of `selfsight embed` (.npy or .parquet)")
     nb.add_argument("query", help="an index, a file name of the collection, or any image file")
-    nb.add_argument("--k", type=int, default=10)
+    nb.add_argument("--k", type=int, default=10, help="neighbours to list, the query itself not counted (default 10)")
     nb.add_argument("--picture", help="write the query and its neighbours as a PNG")
     nb.add_argument("--model", help="model to embed a query image with (default: the collection's)")
     nb.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"],
@@ -448,16 +550,78 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
 
     d = sub.add_parser("demo", help="the main job: SimCLR on Fashion-MNIST + kNN against baselines")
-    d.add_argument("--minutes", type=float, default=10.0)
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("overrides", nargs="*")
+    d.add_argument("--minutes", type=float, default=10.0, help="minutes of pretraining (default 10)")
+    d.add_argument("--out", default="runs/demo",
+                   help="run folder (default runs/demo; one that holds a finished run is evaluated again)")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="config settings, e.g. data.batch_size=128")
     d.set_defaults(func=cmd_demo)
     return ap
 
 
+def _mark_commands(parser: argparse.ArgumentParser) -> None:
+    """Each command's parser sets ``_parser`` to itself (its errors then show its own usage)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                p.set_defaults(_parser=p)
+                _mark_commands(p)
+
+
+SETTING = re.compile(r"[A-Za-z_][\w.-]*=.*", re.S)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` with ``key=value`` settings accepted anywhere on the line (argparse takes the
+    positional settings in one run only); an unknown option is named with the closest real one."""
+    _mark_commands(parser)
+    args, extras = parser.parse_known_args(argv)
+    own = getattr(args, "_parser", parser)
+    settings = [x for x in extras if SETTING.fullmatch(x)]
+    rest = [x for x in extras if not SETTING.fullmatch(x)]
+    if rest:
+        first = rest[0]
+        if first.startswith("-"):
+            options = [o for a in own._actions for o in a.option_strings]
+            close = difflib.get_close_matches(first.partition("=")[0], options, n=1, cutoff=0.6)
+            own.error(f"unknown option {first}" + (f"; did you mean {close[0]}?" if close else ""))
+        own.error(f"unrecognized arguments: {' '.join(rest)}")
+    if settings:
+        if not hasattr(args, "overrides"):
+            own.error(f"this command takes no key=value settings: {' '.join(settings)}")
+        args.overrides = list(args.overrides) + settings
+    return args
+
+
+def overview(parser: argparse.ArgumentParser) -> str:
+    """What ``selfsight`` alone prints: the commands, one line each, and the README's two commands."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    rows = "\n".join(f"  {name:11s} {helps.get(name, '')}" for name in sub.choices)
+    return (f"selfsight {__version__}: image-only self-supervised learning\n\ncommands:\n{rows}\n\n"
+            "get started (README):\n"
+            "  bash scripts/install.sh && .venv/bin/selfsight demo      "
+            "# 10 min of SimCLR on Fashion-MNIST, then kNN\n"
+            "  bash scripts/install.sh --test && .venv/bin/python -m pytest -q -p no:cacheprovider   # the tests\n\n"
+            "`selfsight COMMAND --help` lists a command's options.")
+
+
+def _one_line(e: Exception) -> str:
+    """The message of an error in one line: a KeyError's text without quotes; an error raised in a
+    DataLoader worker (torch wraps it in a multi-line report) by its original last line."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if "Original Traceback" in msg:
+        msg = [x for x in msg.splitlines() if x.strip()][-1]
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv:
+        print(overview(parser))
+        return 0
+    args = parse_args(parser, argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -466,8 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one clear line, not a traceback
         if os.environ.get("SELFSIGHT_DEBUG"):
             raise
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"selfsight: error: {msg}", file=sys.stderr)
+        print(f"selfsight: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -62,7 +62,7 @@ class ViewsConfig:
 @dataclass
 class BackboneConfig:
     name: str = "resnet18"
-    small_stem: str = "none"           # ResNets: none | cifar (3x3 s1, no max-pool) | s2 (3x3 s2, no max-pool)
+    small_stem: str = "auto"           # ResNets: auto (cifar for views <= 64 px, else none) | none | cifar (3x3 s1, no max-pool) | s2 (3x3 s2, no max-pool)
     width: int = 64                    # ResNets: channels of the first stage (64 = torchvision)
     zero_init_residual: bool = False   # ResNets: last BN of each residual block starts at 0 (SimSiam)
     in_chans: int = 0                  # 0 = from the data (1 for gray, 3 for RGB)

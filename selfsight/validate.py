@@ -21,7 +21,7 @@ CHOICES = {
     "data.device_augment": ("auto", "on", "off"),
     "data.decode": ("workers", "device"),
     "views.preset": ("auto", "small", "imagenet"),
-    "backbone.small_stem": ("none", "cifar", "s2"),
+    "backbone.small_stem": ("auto", "none", "cifar", "s2"),
     "backbone.pos_embed": ("learned", "sincos", "none"),
     "optim.name": ("sgd", "adamw", "lars"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),

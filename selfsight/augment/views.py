@@ -98,11 +98,24 @@ def default_normalization(channels: int) -> tuple[tuple, tuple]:
     return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
 
 
+def auto_views(short_side: int) -> tuple[str, int]:
+    """``views.preset=auto``: (preset, view size) for images of this typical short side. Small
+    images (<= 64 px) take the ``small`` preset at 32 px (64 px from 49 px up); medium ones the
+    ``imagenet`` preset at their own size rounded up to 16 px (STL-10's 96 px stays 96); 224 px and
+    larger the ImageNet recipe at 224. Images are never trained far above their own size."""
+    if short_side <= 64:
+        return "small", 32 if short_side <= 48 else 64
+    if short_side < 224:
+        return "imagenet", -(-short_side // 16) * 16
+    return "imagenet", PRESETS["imagenet"]["size"]
+
+
 def resolve_recipe(views_cfg, image_size: int, channels: int) -> ViewRecipe:
-    """Fill "auto" fields from the data: small images -> ``small`` preset, else ``imagenet``."""
-    preset = views_cfg.preset
+    """Fill "auto" fields from the data (``image_size``: the images' typical short side, see
+    ``auto_views``); an explicit ``views.size`` wins over the preset's."""
+    preset, size = views_cfg.preset, 0
     if preset == "auto":
-        preset = "small" if image_size <= 64 else "imagenet"
+        preset, size = auto_views(image_size)
     if preset not in PRESETS:
         raise ValueError(f"unknown views preset {preset!r}; choose auto, {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -110,7 +123,7 @@ def resolve_recipe(views_cfg, image_size: int, channels: int) -> ViewRecipe:
     if len(views_cfg.jitter) not in (0, 4):
         raise ValueError(f"views.jitter must be [brightness, contrast, saturation, hue], got {list(views_cfg.jitter)}")
     mean, std = default_normalization(channels)
-    size = views_cfg.size or p["size"]
+    size = views_cfg.size or size or p["size"]
     local_size = views_cfg.local_size or max(8, round(size * 96 / 224))        # DINO: 96 px beside 224
     local_blur = (0.5 if blur_p > 0 else 0.0) if views_cfg.local_blur_p < 0 else views_cfg.local_blur_p
     return ViewRecipe(

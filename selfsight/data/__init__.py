@@ -31,7 +31,25 @@ def build_dataset(spec: str, root: str = "", download: bool = True, shuffle_buff
     if not path.exists():
         raise FileNotFoundError(f"data {spec!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing folder")
     from selfsight.data.folder import ImageFolder
-    return ImageFolder(path)
+    folder = ImageFolder(path)
+    folder.first_readable()             # a folder of nothing but unreadable files: one clear line now
+    return folder
+
+
+def native_size(dataset, n: int = 64) -> tuple[int, str]:
+    """The typical short side of a source's images in px, and how it was found: an in-memory set's
+    own size; for folders and shards the median short side of up to ``n`` images' headers (224 when
+    none can be read, or for other sources)."""
+    if hasattr(dataset, "images") and hasattr(dataset, "image_size"):            # ArrayDataset
+        h, w = dataset.images.shape[-2:]
+        return int(min(h, w)), f"{int(w)}x{int(h)} px images"
+    sizes = dataset.image_sizes(n) if hasattr(dataset, "image_sizes") else []
+    if not sizes:
+        return 224, "image size unknown, assumed 224 px"
+    shorts = sorted(min(w, h) for w, h in sizes)
+    mid = shorts[len(shorts) // 2]
+    spread = f"{shorts[0]}-{shorts[-1]}" if shorts[0] != shorts[-1] else f"{mid}"
+    return int(mid), f"short side {spread} px, median {mid} px of {len(sizes)} images sampled"
 
 
 def held_out_split(spec: str) -> str | None:
@@ -42,4 +60,4 @@ def held_out_split(spec: str) -> str | None:
     return None
 
 
-__all__ = ["ArrayDataset", "build_dataset", "held_out_split", "BUILTIN"]
+__all__ = ["ArrayDataset", "build_dataset", "held_out_split", "native_size", "BUILTIN"]

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from selfsight.data.arrays import ArrayDataset
 from selfsight.data.folder import ImageFolder, default_cache_dir
 from selfsight.data.images import BrokenImageError
+from selfsight.progress import Progress
 
 log = logging.getLogger("selfsight.data")
 
@@ -126,20 +127,14 @@ def build_cache(folder: ImageFolder, size: int, channels: int = 3, cache_dir: st
         out = np.memmap(tmp_u8, dtype=np.uint8, mode="w+", shape=(n, channels, size, size))
         keep = np.zeros(n, dtype=bool)
         loader = DataLoader(_Squares(folder, size, channels), batch_size=64, num_workers=workers)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=n, unit="img", desc="caching images", dynamic_ncols=True)
         pos = done = 0
-        for images, ok in loader:
-            good = images[ok].numpy()
-            out[pos:pos + len(good)] = good                     # readable images, packed in index order
-            keep[done:done + len(ok)] = ok.numpy()
-            pos, done = pos + len(good), done + len(ok)
-            if bar is not None:
+        with Progress(n, "caching images", enabled=progress) as bar:
+            for images, ok in loader:
+                good = images[ok].numpy()
+                out[pos:pos + len(good)] = good                     # readable images, packed in index order
+                keep[done:done + len(ok)] = ok.numpy()
+                pos, done = pos + len(good), done + len(ok)
                 bar.update(len(ok))
-        if bar is not None:
-            bar.close()
         out.flush()
         del out
         os.truncate(tmp_u8, pos * per)

@@ -16,6 +16,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from selfsight.data.images import IMAGE_EXTENSIONS, BrokenImageError, load_image, load_image_or_jpeg
+from selfsight.progress import Progress
 
 __all__ = ["ImageFolder", "default_cache_dir"]
 
@@ -115,6 +116,13 @@ class ImageFolder(Dataset):
         self._log_summary()
 
     # ------------------------------------------------------------------ dataset API
+    @property
+    def labels(self) -> np.ndarray:
+        """The label of every image (an index into ``classes``; -1 when unlabeled), read-only."""
+        view = self._labels.view()
+        view.flags.writeable = False
+        return view
+
     def __len__(self) -> int:
         return len(self._labels)
 
@@ -146,6 +154,36 @@ class ImageFolder(Dataset):
             f"no readable image found in {tries} tries starting at index {index} of "
             f"{self.root} ({len(self._bad)} unreadable files known so far)"
         )
+
+    def image_sizes(self, n: int = 64) -> list[tuple[int, int]]:
+        """(width, height) of up to ``n`` images spread over the index, from their headers only (no
+        decode; unreadable files are left out)."""
+        from PIL import Image
+        picks = sorted({int(i) for i in np.linspace(0, len(self) - 1, min(n, len(self)))})
+        sizes = []
+        for i in picks:
+            try:
+                with Image.open(os.path.join(self.root, self._path(i))) as im:
+                    sizes.append(tuple(im.size))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                continue
+        return sizes
+
+    def first_readable(self) -> int:
+        """The index of the first image that decodes (usually 0, one decode); a ValueError naming the
+        folder when none does, instead of a failure inside a DataLoader worker later."""
+        first_error = ""
+        for i in range(len(self)):
+            if i in self._bad:
+                continue
+            try:
+                self.read(i)
+                return i
+            except (BrokenImageError, OSError) as e:
+                self._bad.add(i)
+                first_error = first_error or f"{self._path(i)}: {e.reason if isinstance(e, BrokenImageError) else e}"
+        raise ValueError(f"no readable image in {self.root}: all {len(self)} image files failed to decode "
+                         f"(e.g. {first_error})")
 
     def read(self, i: int):
         """Decode image ``i`` (RGB PIL image); raises BrokenImageError or OSError, no skipping."""
@@ -266,6 +304,7 @@ def _scan(root: str, follow: bool) -> _Index:
             first_skipped.append(rel)
 
     stack: list[tuple[str, str, int]] = [(root, "", -1)]
+    bar = Progress(None, f"indexing {root}", unit="entries")
     while stack:
         path, prefix, group = stack.pop()
         try:
@@ -276,8 +315,12 @@ def _scan(root: str, follow: bool) -> _Index:
             skip("unreadable_dir", prefix.rstrip("/"))
             continue
         files = per_group[group]
+        seen = 0
         with it:
             for entry in it:
+                seen += 1
+                if seen % 4096 == 0:
+                    bar.update(4096)
                 name = entry.name
                 rel = prefix + name
                 if name[0] == ".":
@@ -337,7 +380,9 @@ def _scan(root: str, follow: bool) -> _Index:
                     group_mtimes[name] = st.st_mtime_ns
                     per_group[g] = []
                 stack.append((entry.path, rel + "/", g))
+        bar.update(seen % 4096)
 
+    bar.close()
     # deterministic order: root files, then each first-level folder by name
     paths: list[str] = []
     groups: list[np.ndarray] = []

@@ -198,6 +198,23 @@ class ShardDataset(IterableDataset):
     def __len__(self) -> int:
         return sum(self.counts)
 
+    def image_sizes(self, n: int = 64) -> list[tuple[int, int]]:
+        """(width, height) of the first ``n`` images of the first shards, from their headers only."""
+        import io
+        from PIL import Image
+        sizes = []
+        for path in self.shards:
+            for _, parts in _samples(path):
+                image = None if parts is None else _image_of(parts)
+                try:
+                    with Image.open(io.BytesIO(image[1])) as im:
+                        sizes.append(tuple(im.size))
+                except (TypeError, OSError, ValueError, Image.DecompressionBombError):
+                    continue
+                if len(sizes) >= n:
+                    return sizes
+        return sizes
+
     def configure(self, seed: int, rank: int, world: int, batch: int, transform) -> None:
         self.seed, self.rank, self.world, self.batch, self.transform = seed, rank, world, batch, transform
 

@@ -30,7 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from selfsight.files import atomic_write
+
 FORMATS = ("safetensors", "torchvision", "timm", "onnx")
+STATE_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 # ---------------------------------------------------------------------- what a run holds
@@ -134,13 +137,32 @@ def _encode(meta: dict) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The metadata of an exported file (safetensors header, or the ``FILE.json`` sidecar of ONNX)."""
+def sidecar(path: str | Path) -> Path:
+    """``FILE.json``: the metadata beside an ONNX or torch (.pt/.pth) export."""
     p = Path(path)
-    if p.suffix == ".onnx":
-        side = p.with_name(p.name + ".json")
+    return p.with_name(p.name + ".json")
+
+
+def check_out_name(out: str | Path, fmt: str) -> None:
+    """The file name must say what the file is: ``.onnx`` for ONNX; ``.safetensors`` or a torch
+    file ``.pt``/``.pth`` for the state-dict formats. Anything else is refused in one line."""
+    suffix = Path(out).suffix.lower()
+    if fmt == "onnx":
+        if suffix != ".onnx":
+            raise ValueError(f"--format onnx writes an ONNX model: name the file .onnx (got {Path(out).name})")
+    elif suffix not in STATE_SUFFIXES:
+        raise ValueError(f"--format {fmt} writes a state dict: name the file .safetensors, or .pt/.pth for a torch "
+                         f"file read with torch.load(weights_only=True) (got {Path(out).name})")
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of an exported file (safetensors header, or the ``FILE.json`` sidecar of an
+    ONNX or torch file)."""
+    p = Path(path)
+    if p.suffix.lower() in (".onnx", ".pt", ".pth"):
+        side = sidecar(p)
         if not side.exists():
-            raise ValueError(f"{p} has no metadata sidecar {side.name}")
+            raise ValueError(f"{p} has no metadata sidecar {side.name} (not written by selfsight export)")
         return json.loads(side.read_text())
     from safetensors import safe_open
     try:
@@ -181,15 +203,23 @@ def _export_onnx(backbone: nn.Module, meta: dict, out: Path) -> None:
     except ImportError as e:
         raise ValueError(f"--format onnx needs the onnx and onnxscript packages ({e}); "
                          "pip install onnx onnxscript") from None
-    out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=1))
+    _write_sidecar(out, meta)
+
+
+def _write_sidecar(out: Path, meta: dict) -> None:
+    data = json.dumps(meta, indent=1).encode()
+    atomic_write(sidecar(out), lambda f: f.write(data))
 
 
 def export_backbone(backbone: nn.Module, meta: dict, out: str | Path, fmt: str = "safetensors") -> dict:
-    """Write ``backbone`` (a selfsight ResNet/ViT backbone) as ``fmt`` to ``out`` with ``meta``."""
-    from safetensors.torch import save_file
+    """Write ``backbone`` (a selfsight ResNet/ViT backbone) as ``fmt`` to ``out`` with ``meta``:
+    a ``.safetensors`` file (metadata in its header), a torch ``.pt``/``.pth`` state dict or an
+    ``.onnx`` model (metadata in the ``FILE.json`` sidecar)."""
+    from safetensors.torch import save
     out = Path(out)
     kind = _kind(backbone)
     _check_format(kind, fmt, backbone)
+    check_out_name(out, fmt)
     meta = {**meta, "format": fmt}
     out.parent.mkdir(parents=True, exist_ok=True)
     backbone = backbone.cpu().eval()
@@ -202,7 +232,12 @@ def export_backbone(backbone: nn.Module, meta: dict, out: str | Path, fmt: str =
         sd = torchvision_state(backbone)
     else:
         sd = _state(backbone.net)
-    save_file(sd, str(out), metadata=_encode(meta))
+    if out.suffix.lower() == ".safetensors":
+        data = save(sd, metadata=_encode(meta))
+        atomic_write(out, lambda f: f.write(data))
+    else:                                          # .pt / .pth: the plain state dict, metadata beside it
+        atomic_write(out, lambda f: torch.save(sd, f))
+        _write_sidecar(out, meta)
     return meta
 
 
@@ -211,6 +246,7 @@ def export(run: str | Path, out: str | Path, format: str = "safetensors") -> dic
     from selfsight.eval.features import load_run
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check_out_name(out, format)                    # before the run is loaded: a wrong name fails at once
     model, cfg, pre = load_run(run, "cpu")
     backbone = model.backbone
     meta = metadata(backbone, cfg, pre, format)

@@ -19,13 +19,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+
+from selfsight.files import atomic_write
 
 log = logging.getLogger("selfsight.deploy")
 
@@ -59,19 +60,6 @@ def _collate(items):
     good = [it for it in items if it is not None]
     x = torch.stack([it[0] for it in good]) if good else None
     return x, [it[1] for it in good], len(items) - len(good)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fingerprint(model, net: nn.Module) -> str:
@@ -128,13 +116,15 @@ def embed(model, folder: str | Path, out: str | Path, batch_size: int = 256, wor
                 "n": len(names), "names_sha1": hashlib.sha1("\n".join(names).encode()).hexdigest(),
                 "preprocess": repr(preprocess)}
     man_path = parts / "manifest.json"
+    if paths["data"].exists() and not parts.exists():
+        log.warning("%s exists already: it will be replaced by the embeddings of %s", paths["data"], folder.root)
     if parts.exists():
         old = json.loads(man_path.read_text()) if man_path.exists() else None
         if old != manifest:
             log.info("%s holds shards of another folder/model/shard size: starting over", parts)
             shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
-    _atomic_write(man_path, lambda f: f.write(json.dumps(manifest).encode()))
+    atomic_write(man_path, lambda f: f.write(json.dumps(manifest).encode()))
 
     n_shards = (len(names) + shard_size - 1) // shard_size
     done = [i for i in range(n_shards) if (parts / f"shard-{i:05d}.json").exists()]
@@ -162,8 +152,8 @@ def embed(model, folder: str | Path, out: str | Path, batch_size: int = 256, wor
         s = owner[j]
         if j + 1 == len(batches) or owner[j + 1] != s:                 # the shard is complete: write it
             f = torch.cat(feats).numpy() if feats else np.zeros((0, getattr(net, "embed_dim", 0)), np.float32)
-            _atomic_write(parts / f"shard-{s:05d}.npy", lambda fh: np.save(fh, f.astype(np.float32)))
-            _atomic_write(parts / f"shard-{s:05d}.json",            # written last: marks the shard complete
+            atomic_write(parts / f"shard-{s:05d}.npy", lambda fh: np.save(fh, f.astype(np.float32)))
+            atomic_write(parts / f"shard-{s:05d}.json",            # written last: marks the shard complete
                           lambda fh: fh.write(json.dumps({"files": kept, "skipped": skipped}).encode()))
             computed, feats, kept, skipped = computed + 1, [], [], 0
     bar.close()
@@ -193,12 +183,12 @@ def _join(parts: Path, n_shards: int, paths: dict, folder, model_name: str, prep
         col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
         table = pa.table({"file": pa.array(files, pa.string()), "embedding": col})
         table = table.replace_schema_metadata({"selfsight": json.dumps(meta)})
-        _atomic_write(paths["data"], lambda f: pq.write_table(table, f))
+        atomic_write(paths["data"], lambda f: pq.write_table(table, f))
         written = [paths["data"]]
     else:
-        _atomic_write(paths["data"], lambda f: np.save(f, emb))
-        _atomic_write(paths["files"], lambda f: f.write("".join(n + "\n" for n in files).encode()))
-        _atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(paths["data"], lambda f: np.save(f, emb))
+        atomic_write(paths["files"], lambda f: f.write("".join(n + "\n" for n in files).encode()))
+        atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
         written = [paths["data"], paths["files"], paths["meta"]]
     shutil.rmtree(parts)
     if skipped:

@@ -74,8 +74,13 @@ def _from_export(path: Path, device):
     meta = read_metadata(path)
     fmt = meta["format"]
     if fmt == "onnx":
-        raise ValueError(f"{path} is an ONNX export: run it with onnxruntime (input {meta['input']})")
-    sd = load_file(str(path))
+        raise ValueError(f"{path} is an ONNX export: run it with onnxruntime, e.g. onnxruntime.InferenceSession("
+                         f"'{path}').run(None, {{'image': x}}) (x: {meta['input']})")
+    if path.suffix.lower() == ".safetensors":
+        sd = load_file(str(path))
+    else:
+        from selfsight.engine.checkpoint import load_plain
+        sd = load_plain(path)
     if fmt == "torchvision":
         net = torchvision_model(meta)
     elif fmt == "timm":
@@ -92,7 +97,8 @@ def _from_export(path: Path, device):
 
 
 def load_backbone(path: str | Path, device="cpu", with_meta: bool = False):
-    """An exported file (``selfsight export``) or a run folder / checkpoint -> (backbone, preprocess).
+    """An exported file (``selfsight export``: .safetensors, or .pt/.pth with its FILE.json) or a run
+    folder / checkpoint -> (backbone, preprocess).
 
     The backbone is in eval mode and maps normalized B×C×S×S inputs to B×D features
     (``backbone(x)``); selfsight's own backbones (safetensors exports and runs) also have
@@ -102,8 +108,9 @@ def load_backbone(path: str | Path, device="cpu", with_meta: bool = False):
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{p} does not exist (give an exported .safetensors file, a run folder or a checkpoint)")
-    if p.is_dir() or p.suffix in (".pt", ".pth"):
-        net, meta = _from_run(p, device)
+    from selfsight.deploy.backbone import sidecar
+    if p.is_dir() or (p.suffix.lower() in (".pt", ".pth") and not sidecar(p).exists()):
+        net, meta = _from_run(p, device)                # a run folder or its checkpoint
     else:
         net, meta = _from_export(p, device)
     pre = Preprocess.from_meta(meta)

@@ -53,7 +53,8 @@ def neighbors(embeddings: str | Path, query, k: int = 10, picture: str | Path | 
 
     ``query``: an index into the collection (int or digits), a file name of the collection (as in
     its file list), or the path of any image (embedded with ``model``, default: the model the
-    collection was embedded with). Returns ``[{rank, index, file, score}]`` (rank 0 first);
+    collection was embedded with). A query from the collection is not its own neighbour: the ``k``
+    rows are other images. Returns ``[{rank, index, file, score}]`` (rank 0 first);
     ``picture``: also writes a PNG grid (query, then the neighbours with their scores).
     """
     from selfsight.deploy.embeddings import load_embeddings
@@ -73,9 +74,9 @@ def neighbors(embeddings: str | Path, query, k: int = 10, picture: str | Path | 
         net, pre = load_backbone(src)
         q = features(net, pre(load_image(q_image))[None])
         q_path = q_image
-    scores, idx = cosine_topk(bank, q, k, backend)
-    rows = [{"rank": r, "index": int(i), "file": names[int(i)], "score": round(float(s), 6)}
-            for r, (s, i) in enumerate(zip(scores[0], idx[0]))]
+    scores, idx = cosine_topk(bank, q, k + (q_index is not None), backend)
+    found = [(float(s), int(i)) for s, i in zip(scores[0], idx[0]) if int(i) != q_index][:k]
+    rows = [{"rank": r, "index": i, "file": names[i], "score": round(s, 6)} for r, (s, i) in enumerate(found)]
     if picture:
         write_picture(picture, q_path, [Path(meta["folder"]) / row["file"] for row in rows],
                       [row["score"] for row in rows])

@@ -9,16 +9,15 @@ naming what differs (``check_compatible``, ``load_model_state``).
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from selfsight.faults import checkpoint_write_delay
+from selfsight.files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -28,27 +27,15 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (``files.atomic_write``); the temporary files of
+    a writer killed before its rename are removed afterwards."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def write(f) -> None:
+        torch.save(obj, f)
+        f.flush()
         checkpoint_write_delay()                # test hook (SELFSIGHT_TEST_CHECKPOINT_DELAY), inert otherwise
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, write)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):      # left by a writer killed before os.replace
         try:
             stale.unlink()
@@ -68,9 +55,12 @@ def load_plain(path: str | Path, map_location="cpu"):
         lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
         if not lines[0].startswith("Weights only load failed"):          # a torn pickle, not a refused one
             raise CheckpointError(f"cannot read {path}: truncated or corrupt ({lines[0]})") from None
-        why = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[-1])
+        code = next((x for x in lines if "GLOBAL" in x), None)
+        if code is None:            # e.g. "Unsupported operand 244": bytes that are no torch pickle at all
+            raise CheckpointError(f"cannot read {path}: not a torch checkpoint (corrupt, or a file of another "
+                                  "kind)") from None
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain "
-                              f"containers, and loading them could run code ({why})") from None
+                              f"containers, and loading them could run code ({code})") from None
     except Exception as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"cannot read {path}: not a readable torch file (truncated or corrupt? {first})") \

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 import traceback
@@ -17,9 +18,11 @@ import torch.nn as nn
 
 from selfsight import __version__
 from selfsight.augment import resolve_recipe
+from selfsight.augment.views import auto_views
 from selfsight.backbones import build_backbone, wrap
+from selfsight.backbones.factory import resolve_stem
 from selfsight.config import RunConfig, save_config, to_dict
-from selfsight.data import build_dataset
+from selfsight.data import build_dataset, native_size
 from selfsight.data.arraycache import maybe_cache
 from selfsight.data.loader import ViewLoader
 from selfsight.engine.monitor import collapse_warning, embedding_stats
@@ -85,6 +88,26 @@ def build_method(cfg: RunConfig, channels: int, image_size: int, backbone: nn.Mo
     return spec.build(cfg.method, wrap(backbone, in_chans=channels, probe_size=image_size))
 
 
+def describe_setup(cfg: RunConfig, recipe, native: int, found: str, custom_backbone: bool = False) -> str:
+    """The start-up line that says which view size, preset and backbone stem a run takes, and why
+    (``auto`` choices are made from the images' typical size ``native``, ``data.native_size``)."""
+    v, b = cfg.views, cfg.backbone
+    preset = auto_views(native)[0] if v.preset == "auto" else v.preset
+    why = [f"views.preset={v.preset}"] + ([f"views.size={v.size}"] if v.size else [])
+    net = "a custom backbone" if custom_backbone else b.name
+    if not custom_backbone and b.name.startswith("resnet"):
+        stem = resolve_stem(b.small_stem, recipe.size)
+        net += f" with the {'ImageNet' if stem == 'none' else stem} stem"
+        why.append(f"backbone.small_stem={b.small_stem}")
+    elif not custom_backbone and b.name.startswith("vit"):
+        net += f" with {b.patch_size} px patches ({recipe.size // b.patch_size}x{recipe.size // b.patch_size} tokens)"
+        if recipe.size // b.patch_size < 4:
+            log.warning("%s px views in %s px patches give only %dx%d tokens: set backbone.patch_size=4 (as the "
+                        "bundled *_fashion_mnist ViT recipes) or larger views.size", recipe.size, b.patch_size,
+                        recipe.size // b.patch_size, recipe.size // b.patch_size)
+    return f"views: preset {preset} at {recipe.size} px, {net} ({', '.join(why)}; the data: {found})"
+
+
 def preprocess_meta(recipe, channels: int) -> dict:
     return {"size": recipe.size, "mean": list(recipe.mean), "std": list(recipe.std), "channels": channels}
 
@@ -108,9 +131,11 @@ class Trainer:
         self.dataset = dataset if dataset is not None else \
             build_dataset(cfg.data.train, cfg.data.root, cfg.data.download, cfg.data.shuffle_buffer)
         channels = getattr(self.dataset, "channels", 3)
-        native = getattr(self.dataset, "image_size", 224)
+        native, found = native_size(self.dataset)
         self.recipe = resolve_recipe(cfg.views, native, channels)
         self.channels = channels
+        if self.rank == 0:
+            log.info("%s", describe_setup(cfg, self.recipe, native, found, custom_backbone=backbone is not None))
         if dataset is None:         # data.cache: a folder becomes a memory-mapped uint8 array (decoded once)
             self.dataset = maybe_cache(self.dataset, cfg.data, self.recipe, channels, progress=t.progress)
         self.loader = ViewLoader(self.dataset, self.recipe, cfg.data.batch_size, self.device, self.rank, self.world,
@@ -163,6 +188,9 @@ class Trainer:
         self.collapse_warnings = 0
         self._stop_signal = None
         self.writer = None
+        self._resumed_at = 0          # the step this session started from
+        self._remove_run_dir = False  # set when a new run fails before its first step
+        self._t_step1 = self._s_step1 = None    # elapsed and step after this session's first step (throughput)
 
     # ---- budget and schedules -------------------------------------------------------------
     def _planned_steps(self) -> int:
@@ -252,6 +280,7 @@ class Trainer:
                 self.optimizer.load_state_dict(ck["optimizer"])
         self._saved_step = ck["step"]
         self.step, self.total_steps, self.elapsed = ck["step"], ck["total_steps"], ck["elapsed"]
+        self._apply_new_budget(ck.get("config", {}).get("train", {}), path)
         if self.probe is not None and "online_probe" in ck:        # a checkpoint without one: a fresh probe
             self.probe.load_state_dict_full(ck["online_probe"])
         if ck["meta"].get("world_size", 1) == self.world:
@@ -260,13 +289,40 @@ class Trainer:
             self.loader.load_state_dict(own["loader"])
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _apply_new_budget(self, saved: dict, path: Path) -> None:
+        """A budget given with ``--resume`` (steps, epochs, minutes or schedule_epochs other than the
+        checkpoint's) applies from the resumed step on: the schedules are recomputed for the new total
+        (each value is the cosine of the new length at the current step, so the learning rate moves to
+        where the new schedule has it). A budget the run has already used up is refused in one line."""
+        t = self.cfg.train
+        keys = ("steps", "epochs", "minutes", "schedule_epochs")
+        changed = {k: (saved.get(k, 0), getattr(t, k)) for k in keys if saved.get(k, 0) != getattr(t, k)}
+        if not changed:
+            return
+        planned = self._planned_steps()
+        spent = []
+        if planned and planned <= self.step:
+            spent.append(f"{planned} steps")
+        if t.minutes and t.minutes * 60 <= self.elapsed:
+            spent.append(f"{t.minutes:g} minutes")
+        if spent:
+            raise TrainingError(f"{path} is already at step {self.step} ({self.elapsed / 60:.1f} min of training): "
+                                f"the new budget of {' and '.join(spent)} is used up; give a larger one")
+        old_total = self.total_steps
+        self.total_steps = planned or self.total_steps        # minutes only: re-estimated from the new throughput
+        if is_main():
+            what = ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changed.items())
+            log.info("new budget on resume (%s): the schedules are replanned for %s steps from step %d "
+                     "(were %d steps)", what, self.total_steps or "the time budget's", self.step, old_total)
+
     # ---- logging ----------------------------------------------------------------------------
     def _open_logs(self) -> None:
         if not is_main():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        # a new run in a folder without a checkpoint (one stopped before its first) starts a new log
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a" if self.resume else "w")
         if self.cfg.train.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -291,11 +347,14 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         ck_path = self.run_dir / CHECKPOINT
-        if self.resume and ck_path.exists():
+        if self.resume and not ck_path.exists():
+            raise TrainingError(f"nothing to resume: {ck_path} does not exist (start a new run without resume)")
+        if self.resume:
             self.load(ck_path)
             self._resumed_at = self.step
-        elif ck_path.exists() and not self.resume:
+        elif ck_path.exists():
             raise TrainingError(f"{self.run_dir} already holds a run: pass --resume to continue it or choose another --out")
+        created = is_main() and not self.run_dir.exists()
         self._open_logs()
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
             if _in_main_thread() else {}
@@ -315,6 +374,10 @@ class Trainer:
             window["skipped"] = self.dataset.skipped
         try:
             self._loop(window, budget, bar, ck_path)
+        except BaseException:
+            if created and self.step == 0 and not ck_path.exists():
+                self._remove_run_dir = True     # a new run that failed before its first step leaves no folder
+            raise
         finally:
             if self.compiled:       # the model left behind (evaluation, export, pictures) runs eagerly
                 uncompile_model(self.model)
@@ -326,9 +389,11 @@ class Trainer:
                 self.metrics.close()
                 if self.writer is not None:
                     self.writer.close()
+                if self._remove_run_dir:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
         result = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "minutes": self.elapsed / 60,
                   "run_dir": str(self.run_dir), "stopped_by_signal": self._stop_signal is not None,
-                  "nonfinite_steps": self.nonfinite_total}
+                  "signal": int(self._stop_signal or 0), "nonfinite_steps": self.nonfinite_total}
         if self.nonfinite_total and is_main():
             log.warning("%d steps with a non-finite loss or gradients were skipped", self.nonfinite_total)
         if self._stop_signal is not None and is_main():
@@ -349,7 +414,7 @@ class Trainer:
                     batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
                 sched = self.schedule(self.step)
                 self._apply_schedule(sched)
-                if self.compiled and self.step == getattr(self, "_resumed_at", 0):
+                if self.compiled and self.step == self._resumed_at:
                     self._first_compiled_step(batch, sched, window)
                 else:
                     self._step(batch, sched, window)
@@ -359,10 +424,11 @@ class Trainer:
                 window["skipped"] += batch["skipped"]
                 self.step += 1
                 self.elapsed = start_elapsed + time.perf_counter() - session_start
-                if budget < math.inf and not self._planned_steps() and self.step >= 10 and self.step % 10 == 0:
-                    self._replan(budget, bar)
-                if self.step == 1 + getattr(self, "_resumed_at", 0):
+                if self.step == 1 + self._resumed_at:
                     self._t_step1, self._s_step1 = self.elapsed, self.step
+                if budget < math.inf and not self._planned_steps() and self.step >= 10 and self.step % 10 == 0 \
+                        and self.step > self._s_step1:
+                    self._replan(budget, bar)
                 if bar is not None:
                     bar.update(1)
                 stop = self._should_stop(budget)

@@ -1,7 +1,6 @@
 """Frozen-backbone features for evaluation, and loading the evaluation backbone of a run."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from torch.utils.data import DataLoader
 from selfsight.config import build_config
 from selfsight.data.arrays import ArrayDataset
 from selfsight.engine.checkpoint import CheckpointError, load_model_state, safe_load
+from selfsight.eval.feature_choice import FEATURES, FEATURES_HELP, parse_features  # noqa: F401  (re-exported)
 
 
 def load_run(path: str | Path, device="cpu", random_init: bool = False):
@@ -86,38 +86,25 @@ def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(fn, dataset, pre: dict, device="cpu", batch_size: int = 512, workers: int = 2,
-            amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fn`` maps normalized images B×C×S×S to features B×D; returns (features, labels) on CPU."""
+            amp_dtype: torch.dtype | None = None, desc: str = "extracting features",
+            progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` maps normalized images B×C×S×S to features B×D; returns (features, labels) on CPU.
+    The wait shows its progress (``selfsight.progress``) under ``desc``."""
+    from selfsight.progress import Progress
     mean = torch.tensor(pre["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(pre["std"], device=device).view(1, -1, 1, 1)
     feats, labels = [], []
-    for images, y in _batches(dataset, batch_size, workers, pre["size"]):
-        x = _match_channels(images.to(device).float() / 255.0, mean.shape[1])
-        x = (_resize(x, pre["size"]) - mean) / std
-        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            f = fn(x)
-        feats.append(f.float().cpu())
-        labels.append(torch.as_tensor(y).cpu())
+    with Progress(len(dataset), desc, enabled=progress) as bar:
+        for images, y in _batches(dataset, batch_size, workers, pre["size"]):
+            x = _match_channels(images.to(device).float() / 255.0, mean.shape[1])
+            x = (_resize(x, pre["size"]) - mean) / std
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                f = fn(x)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(y).cpu())
+            bar.update(len(y))
     return torch.cat(feats), torch.cat(labels)
-
-
-FEATURES = ("cls", "mean", "cls+mean")
-_LAST = re.compile(r"last(\d+)(\+mean)?")
-FEATURES_HELP = ("cls (a ViT's class token, a ConvNet's pooled map), mean (mean of the patch tokens), cls+mean, "
-                 "lastN (ViTs: class tokens of the last N blocks, e.g. last4, as DINO's linear probe) or "
-                 "lastN+mean (plus the mean patch token of the last block)")
-
-
-def parse_features(features: str) -> tuple[str, int, bool]:
-    """``cls`` | ``mean`` | ``cls+mean`` | ``lastN`` | ``lastN+mean`` -> (kind, n, with_mean);
-    kind is the name itself, or ``last`` for the last-N-blocks choices."""
-    if features in FEATURES:
-        return features, 1, False
-    m = _LAST.fullmatch(features)
-    if m and int(m.group(1)) >= 1:
-        return "last", int(m.group(1)), m.group(2) is not None
-    raise ValueError(f"features must be one of {', '.join(FEATURES)}, lastN or lastN+mean (N >= 1, e.g. last4), "
-                     f"got {features!r}")
 
 
 def backbone_features(backbone: nn.Module, features: str = "cls"):

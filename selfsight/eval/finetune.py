@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from selfsight.augment import ViewRecipe
 from selfsight.backbones.vit import ViTBackbone
 from selfsight.config import OptimConfig
-from selfsight.data import ArrayDataset, build_dataset
+from selfsight.data import ArrayDataset
 from selfsight.data.loader import ViewLoader
 from selfsight.engine.optim import build_optimizer, param_groups, skips_weight_decay
 from selfsight.engine.schedules import cosine, scaled_lr
 from selfsight.eval.features import backbone_features, extract, load_run
+from selfsight.eval.labels import labeled_pair
 from selfsight.eval.linear import accuracy
 from selfsight.eval.online_probe import num_classes_of
 
@@ -192,9 +193,8 @@ def _match_channels(ds, channels: int):
 
 def _num_classes(train, test) -> int:
     """Outputs of the new head: the classes of either set (``num_classes_of``, as the online probe
-    counts them) or the named classes, whichever is more; folders must name the same classes."""
-    if not (isinstance(train, ArrayDataset) and isinstance(test, ArrayDataset)) and train.classes != test.classes:
-        raise ValueError(f"train and test folders have different classes: {train.classes[:5]} vs {test.classes[:5]}")
+    counts them) or the named training classes, whichever is more (the test labels are already in
+    the training classes' indices, ``labels.match_classes``)."""
     return max(len(train.classes), num_classes_of(train), num_classes_of(test))
 
 
@@ -204,7 +204,7 @@ def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_
              optimizer: str = "auto", crop_scale: tuple | None = None, device: str | None = None,
              baseline: str | None = None, max_train_images: int | None = None, data_root: str = "",
              precision: str | None = None, seed: int = 0, workers: int = 2, eval_batch_size: int = 512,
-             head_norm: str = "bn") -> dict:
+             head_norm: str = "bn", unknown_classes: str = "error") -> dict:
     """Fine-tune a copy of the run's evaluation backbone with a new linear head on ``train``; top-1/top-5
     on ``test``. ``train``/``test``: data specs (``build_dataset``) or data sets. ``None`` defaults depend
     on the backbone (module docstring): ViTs AdamW, base lr 5e-4, weight decay 0.05, drop path 0.1;
@@ -214,9 +214,10 @@ def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_
     CIFAR's pad-4 random crop, which keeps >= (28/32)² of the image; 8 % of a 28 px image is 8×8 px).
     ``baseline="random"``: the same network from random initialisation (supervised training from scratch).
     ``precision``: auto | bf16 | fp32 (default: the run's ``train.precision``). ``head_norm``: bn
-    (default: the features standardised before the new head, ``Classifier``) or none (the bare head)."""
+    (default: the features standardised before the new head, ``Classifier``) or none (the bare head).
+    The test labels are matched to the training classes by name (``labels.match_classes``;
+    ``unknown_classes``: error | wrong)."""
     from selfsight.engine.trainer import pick_precision
-    from selfsight.eval.run_knn import _has_labels
     t0 = time.perf_counter()
     if baseline not in (None, "random"):
         raise ValueError(f"fine-tuning trains a backbone: --baseline must be random, got {baseline!r}")
@@ -229,13 +230,11 @@ def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_
     model, cfg, pre = load_run(run, device, random_init=baseline == "random")
     backbone = copy.deepcopy(model.backbone)
     del model
-    train_set = build_dataset(train, data_root) if isinstance(train, str) else train
-    test_set = build_dataset(test, data_root) if isinstance(test, str) else test
-    for spec, ds in ((train, train_set), (test, test_set)):
-        if not _has_labels(ds):
-            raise ValueError(f"fine-tuning needs labels: {spec!r} is unlabeled (a folder needs root/<class>/... "
-                             "sub-folders)")
+    train_set, test_set, matched = labeled_pair(train, test, data_root, "fine-tuning", unknown_classes)
     train_set = _match_channels(_subset(train_set, max_train_images, seed), pre["channels"])
+    if len(train_set) < batch_size:
+        raise ValueError(f"--batch-size {batch_size} is more than the {len(train_set)} training images: pass "
+                         f"--batch-size {max(1, 2 ** (len(train_set).bit_length() - 1))} or less")
     num_classes = _num_classes(train_set, test_set)
 
     vit = isinstance(backbone, ViTBackbone)
@@ -303,12 +302,12 @@ def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_
         history.append(round(mean_loss, 4))
 
     clf.eval()
-    logits, y = extract(clf, test_set, pre, device, eval_batch_size, workers, amp)
+    logits, y = extract(clf, test_set, pre, device, eval_batch_size, workers, amp, desc="classifying the test data")
     acc = accuracy(logits, y)
     return {"model": baseline or "trained", "method": cfg.method.name, "backbone": cfg.backbone.name,
             "train": train if isinstance(train, str) else getattr(train, "name", "dataset"),
             "test": test if isinstance(test, str) else getattr(test, "name", "dataset"),
-            "features": features, "head_norm": head_norm, **acc, "epochs": epochs, "steps": step,
+            "features": features, "head_norm": head_norm, **matched, **acc, "epochs": epochs, "steps": step,
             "train_images": len(train_set),
             "batch_size": batch_size, "optimizer": optimizer, "base_lr": base_lr, "lr": peak,
             "layer_decay": decay if vit else None, "weight_decay": weight_decay, "label_smoothing": label_smoothing,

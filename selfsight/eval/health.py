@@ -120,7 +120,7 @@ def evaluate_health(run: str, data: str, n_images: int = 4096, baseline: str | N
     ``features`` as for kNN (cls | mean | cls+mean | lastN[+mean]). RankMe can reach at most
     min(N, D): give at least as many images as the feature width."""
     from selfsight.augment import resolve_recipe
-    from selfsight.data import build_dataset
+    from selfsight.data import build_dataset, native_size
     from selfsight.eval.features import backbone_features, extract, load_run
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,7 +134,7 @@ def evaluate_health(run: str, data: str, n_images: int = 4096, baseline: str | N
     fn = backbone_features(model.backbone, features)
     amp = torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else None
     feats, _ = extract(fn, ds, pre, device, batch_size, workers, amp)
-    native = getattr(getattr(ds, "dataset", ds), "image_size", 224)           # as the trainer resolves "auto"
+    native, _ = native_size(getattr(ds, "dataset", ds))                       # as the trainer resolves "auto"
     recipe = resolve_recipe(cfg.views, native, pre["channels"])
     recipe = replace(recipe, size=pre["size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), n_views=2,
                      local_crops=0)

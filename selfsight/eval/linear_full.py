@@ -132,24 +132,21 @@ def evaluate_linear_full(run: str, train: str, test: str, baseline: str | None =
                          data_root: str = "", features: str = "cls", epochs: int = 30, lr: float = 0.1,
                          batch_size: int = 256, weight_decay: float = 0.0, warmup_epochs: float = 0.0,
                          batchnorm: bool = True, workers: int = 2, crop_scale: tuple = (0.08, 1.0),
-                         train_set=None, test_set=None) -> dict:
+                         train_set=None, test_set=None, unknown_classes: str = "error") -> dict:
     """The full-path linear probe of a run (or of a baseline: ``pixels``, ``random``) on a
-    labeled train/test pair (``train_set``/``test_set`` override the specs with data sources)."""
-    from selfsight.data import build_dataset
+    labeled train/test pair (``train_set``/``test_set`` override the specs with data sources; the
+    test labels are matched to the training classes by name, ``labels.match_classes``)."""
     from selfsight.eval.features import backbone_features, load_run, pixel_features
-    from selfsight.eval.run_knn import _has_labels
+    from selfsight.eval.labels import labeled_pair
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if baseline not in (None, "pixels", "random"):
         raise ValueError(f"--baseline must be pixels or random, got {baseline!r}")
     model, cfg, pre = load_run(run, device, random_init=baseline == "random")
     model.requires_grad_(False)
-    train_set = train_set if train_set is not None else build_dataset(train, data_root)
-    test_set = test_set if test_set is not None else build_dataset(test, data_root)
-    for spec, ds in ((train, train_set), (test, test_set)):
-        if not _has_labels(ds):
-            raise ValueError(f"the linear probe needs labels: {spec!r} is unlabeled (a folder needs "
-                             "root/<class>/... sub-folders)")
+    train_set, test_set, matched = labeled_pair(train if train_set is None else train_set,
+                                                test if test_set is None else test_set, data_root,
+                                                "the linear probe", unknown_classes)
     classes = [len(ds.classes) if hasattr(ds, "labeled") else int(ds.labels.max()) + 1 for ds in (train_set, test_set)]
     fn = pixel_features if baseline == "pixels" else backbone_features(model.backbone, features)
     amp = torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else None
@@ -157,5 +154,5 @@ def evaluate_linear_full(run: str, train: str, test: str, baseline: str | None =
                             warmup_epochs=warmup_epochs, batchnorm=batchnorm, crop_scale=crop_scale, device=device,
                             seed=cfg.train.seed, workers=workers, amp_dtype=amp)
     return {"model": baseline or "trained", "method": cfg.method.name, "backbone": cfg.backbone.name, "train": train,
-            "test": test, "features": features, "protocol": "full", **res,
+            "test": test, "features": features, "protocol": "full", **matched, **res,
             "seconds": round(time.perf_counter() - t0, 1)}

@@ -273,6 +273,7 @@ def write_pictures(run: str | Path, data=None, out: str | Path | None = None, n:
         _require(m)
     model, cfg, pre = load_run(run, device)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = {p.name for p in out.glob("*.png")}
     written: dict[str, Path] = {}
     for name, chart in curves(read_metrics(run_dir)).items():
         written[f"curve_{name}"] = out / f"curve_{name}.png"
@@ -314,4 +315,8 @@ def write_pictures(run: str | Path, data=None, out: str | Path | None = None, n:
         written["attention"] = out / "attention.png"
         _save(attention_grid(x01[:queries], attn), written["attention"])
     log.info("wrote %d pictures to %s", len(written), out)
+    replaced = sorted(earlier & {p.name for p in written.values()})
+    if replaced:
+        log.warning("replaced %d earlier pictures in %s (%s)", len(replaced), out,
+                    ", ".join(replaced[:6]) + (", ..." if len(replaced) > 6 else ""))
     return written

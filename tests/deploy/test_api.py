@@ -43,7 +43,7 @@ def test_public_api_end_to_end(tmp_path, fmnist_small, fmnist_test):
                           progress=False)
     assert out["count"] == 60
     rows = selfsight.neighbors(tmp_path / "e.npy", "c9/0000.png", k=3)
-    assert rows[0]["file"] == "c9/0000.png"
+    assert len(rows) == 3 and "c9/0000.png" not in [r["file"] for r in rows]
     cfg = selfsight.load_config("simclr_fashion_mnist", ["train.steps=5"])
     assert cfg.train.steps == 5 and cfg.method.name == "simclr"
     assert torch.is_tensor(pre.mean)

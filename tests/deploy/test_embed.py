@@ -108,16 +108,16 @@ def test_resume_refuses_shards_of_another_model(run, folder, tmp_path):
     assert res["shards_reused"] == 0 and other.seen == N + 2 and load_embeddings(tmp_path / "e.npy")[0].shape[1] == 8
 
 
-def test_neighbors_find_self_then_near_duplicates(run, folder, tmp_path):
+def test_neighbors_leave_out_the_query_and_find_near_duplicates(run, folder, tmp_path):
     embed(run, folder, tmp_path / "emb.npy", workers=0, shard_size=16, progress=False)
     _, names, _ = load_embeddings(tmp_path / "emb.npy")
     rows = neighbors(tmp_path / "emb.npy", "sub/img_000.png", k=5, picture=tmp_path / "nn.png")
-    assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]
-    assert rows[0]["file"] == "sub/img_000.png" and rows[0]["score"] == pytest.approx(1.0, abs=1e-5)
-    assert rows[1]["file"] == "near_shift.png"
+    assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]                # k others: the query is not counted
+    assert "sub/img_000.png" not in [r["file"] for r in rows]
+    assert rows[0]["file"] == "near_shift.png"
     assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
     rows = neighbors(tmp_path / "emb.npy", str(names.index("img_007.png")), k=3)
-    assert [r["file"] for r in rows[:2]] == ["img_007.png", "near_jpeg.jpg"]
+    assert len(rows) == 3 and rows[0]["file"] == "near_jpeg.jpg"
     # a query image from outside the collection is embedded with the collection's model
     outside = tmp_path / "query.png"
     Image.open(folder / "img_007.png").save(outside)
@@ -154,7 +154,11 @@ def test_cli_embed_and_neighbors(run, folder, tmp_path, capsys):
     assert res["count"] == N + 2 and res["skipped"] == 1
     assert main(["neighbors", str(tmp_path / "e.npy"), "near_shift.png", "--k", "2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["file"] for r in rows] == ["near_shift.png", "sub/img_000.png"]
+    assert len(rows) == 2 and rows[0]["file"] == "sub/img_000.png"
+    assert main(["neighbors", str(tmp_path / "e.npy"), "near_shift.png", "--k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "nearest to near_shift.png" in lines[0] and lines[1].split() == ["rank", "score", "index", "file"]
+    assert lines[2].split()[0] == "1" and lines[2].split()[-1] == "sub/img_000.png" and len(lines) == 4
     assert main(["neighbors", str(tmp_path / "e.npy"), "no_such.png"]) == 2
     assert "selfsight: error: query 'no_such.png' is neither" in capsys.readouterr().err
 
@@ -166,4 +170,5 @@ def test_parquet_output(run, folder, tmp_path):
     a, na, _ = load_embeddings(tmp_path / "e.parquet")
     b, nb_, _ = load_embeddings(tmp_path / "e.npy")
     assert na == nb_ and np.array_equal(a, b)
-    assert neighbors(tmp_path / "e.parquet", 0, k=1)[0]["file"] == na[0]
+    assert neighbors(tmp_path / "e.parquet", 0, k=1) == neighbors(tmp_path / "e.npy", 0, k=1)
+    assert neighbors(tmp_path / "e.parquet", 0, k=1)[0]["file"] != na[0]             # the query is left out

@@ -39,10 +39,10 @@ def test_unlabeled_data_is_a_clear_error(tmp_path, fmnist_small, monkeypatch):
     from selfsight.config import load_config
     from selfsight.data import ArrayDataset
     from selfsight.engine.trainer import pretrain
-    from selfsight.eval import run_knn
+    from selfsight.eval import labels, run_knn
     from conftest import tiny_overrides
     pretrain(load_config(overrides=tiny_overrides(**{"train.steps": 1})), tmp_path / "r", dataset=fmnist_small)
     unlabeled = ArrayDataset(fmnist_small.images[:64])
-    monkeypatch.setattr(run_knn, "build_dataset", lambda spec, root="": unlabeled)
+    monkeypatch.setattr(labels, "build_dataset", lambda spec, root="": unlabeled)
     with pytest.raises(ValueError, match="unlabeled"):
         run_knn.evaluate_knn(str(tmp_path / "r"), "x", "y")

@@ -24,7 +24,7 @@ EXTRA = {"mocov2": {"method.queue_size": 64}, "dino": {"method.out_dim": 256, "m
 def torchrun(out, env: dict, restarts: int, method: str = "mocov2"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--max-restarts", str(restarts), "--monitor-interval", "0.1", "-m", "selfsight", "pretrain",
-           "--method", method, "--data", "fashion-mnist", "--steps", "8", "--out", str(out), "--resume",
+           "--method", method, "--data", "fashion-mnist", "--steps", "8", "--out", str(out), "--auto-resume",
            *tiny_overrides(**{"method.name": method, "train.checkpoint_every": 4, "train.log_every": 1,
                               "train.deterministic": "true", "data.batch_size": 16, **EXTRA[method]})]
     log = open(f"{out}.log", "w")          # a file, not a pipe: two jobs run side by side

@@ -49,7 +49,7 @@ def _main(argv: list[str], env: dict, log: str) -> None:
 
 def argv(out: Path, steps: int = STEPS, every: int = EVERY) -> list[str]:
     return ["pretrain", "--method", "simclr", "--data", "fashion-mnist", "--steps", str(steps), "--out", str(out),
-            "--resume", *tiny_overrides(**{"train.deterministic": "true", "train.checkpoint_every": every,
+            "--auto-resume", *tiny_overrides(**{"train.deterministic": "true", "train.checkpoint_every": every,
                                            "train.log_every": 1, "train.threads": 1})]
 
 
@@ -127,7 +127,7 @@ def test_sigkill_at_random_moments_loses_at_most_one_interval_and_resumes_exactl
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+def test_preemption_signal_writes_a_checkpoint_and_exits_with_the_signal_code(tmp_path, sig):
     ctx = _context()
     run, log = tmp_path / "pre-empted", tmp_path / "run.log"
     proc = start(ctx, argv(run, steps=100000, every=3), log)
@@ -136,9 +136,9 @@ def test_preemption_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     os.kill(proc.pid, sig)
     proc.join(120)
     out = log.read_text()
-    assert proc.exitcode == 0, out[-3000:]
+    assert proc.exitcode == 128 + sig, out[-3000:]             # 130 / 143: not success, so `pretrain && eval` stops
     result = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
-    assert result["stopped_by_signal"] is True
+    assert result["stopped_by_signal"] is True and result["signal"] == sig
     step = safe_load(run / "checkpoint.pt")["step"]
     assert 3 <= step < 100000 and step == result["steps"]
     assert step == max(r["step"] for r in rows(run))           # nothing trained after the checkpoint is lost

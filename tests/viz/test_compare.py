@@ -28,7 +28,8 @@ def test_compare_prints_one_row_per_run_with_its_method(runs, capsys):
     assert lines[0].startswith("| run") and set(lines[1]) <= {"|", "-"}
     body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [(r[0], r[1], r[2]) for r in body] == [("simclr", "simclr", "resnet10"), ("byol", "byol", "resnet10")]
-    assert all(r[3].startswith("2 steps / ") and r[5:] == ["-", "-", "-"] for r in body)   # no evaluation saved
+    assert all(r[3] == "fashion-mnist" for r in body)                                      # the training data
+    assert all(r[4].startswith("2 steps / ") and r[6:] == ["-", "-", "-"] for r in body)   # no evaluation saved
 
 
 def test_compare_json_reads_budget_and_images_per_second_from_the_log(runs, capsys):
@@ -64,7 +65,7 @@ def test_eval_save_feeds_the_knn_column(runs, capsys, labeled_folder):
     assert main(["compare", str(run), str(runs["byol"])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     simclr, byol = ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])
-    assert simclr[5] == f"{res['top1']:.4f}" and byol[5] == "-"
+    assert simclr[6] == f"{res['top1']:.4f} (images)" and byol[6] == "-"      # the score and its test data
     # a baseline's result is kept beside it and never shown as the run's score
     (run / "eval" / "linear_pixels.json").write_text(json.dumps({"model": "pixels", "top1": 0.8}))
     assert main(["compare", str(run), "--json"]) == 0
