@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.data import build_dataset
 from selfsight.engine.trainer import Trainer
 

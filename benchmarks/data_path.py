@@ -55,7 +55,7 @@ def make_folder(root: Path, n: int) -> None:
 
 
 def run(name: str, data: str, out: Path, args, extra: dict) -> dict:
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
     over = {"method.name": "simclr", "backbone.name": "resnet18", "data.train": data, "views.size": args.size,
             "views.preset": "imagenet", "data.batch_size": args.batch, "data.workers": args.workers,

@@ -260,7 +260,7 @@ class _HostSyncs:
 
 def run_recipe(args, name: str) -> dict:
     import torch
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import Trainer
     r = RECIPES[name]
     batch = args.batch or (16 if args.tiny else r.batch)

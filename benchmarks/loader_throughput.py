@@ -44,7 +44,7 @@ def images_per_s(cfg, workers: int, batches: int) -> float:
 
 
 def main() -> None:
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="simclr_r50", choices=list(RECIPES))
     ap.add_argument("--data", default="", help="a folder of images (default: JPEGs made from skimage photos)")

@@ -47,7 +47,7 @@ def time_steps(step, warmup: int, steps: int, device) -> float:
 def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import Trainer
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="dino_vits16", choices=list(RECIPES))

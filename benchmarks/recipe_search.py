@@ -19,7 +19,7 @@ import yaml
 
 ONE = r"""
 import json, sys, logging
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.engine.trainer import pretrain
 from selfsight.eval.run_knn import evaluate_knn
 name, out, over, base = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])

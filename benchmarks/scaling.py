@@ -97,7 +97,7 @@ def reset_peak_rss() -> None:
 def run_one(args, overrides: list[str]) -> dict:
     import torch
     from gpu_throughput import step_flops
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.data import ArrayDataset, build_dataset
     from selfsight.engine.trainer import Trainer
     total = args.warmup + args.steps

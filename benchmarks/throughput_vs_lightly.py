@@ -384,7 +384,7 @@ for _key, _b in BENCHES.items():
 # ------------------------------------------------------------------------------------ the runners
 
 def run_selfsight(args, method: str, extra: list[str]) -> dict:
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import Trainer
     steps = args.warmup + args.steps * (2 if args.ceiling else 1)
     over = BENCHES[method].base + BENCHES[method].overrides + [

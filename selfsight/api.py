@@ -17,7 +17,7 @@ __all__ = ["pretrain", "evaluate", "export", "load_backbone", "embed", "neighbor
 def load_config(config=None, overrides=None):
     """A run config: ``config`` is None (defaults), a YAML file or a bundled recipe name
     (``"simclr_fashion_mnist"``); ``overrides``: ``["key=value", ...]`` or ``{"dotted.key": value}``."""
-    from selfsight.config import load_config as _load
+    from selfsight.resolve import load_config as _load
     return _load([str(config)] if config is not None else [], _tree(overrides))
 
 
@@ -29,11 +29,12 @@ def pretrain(config=None, out: str | Path = "runs/run", *, overrides=None, resum
     ``overrides`` apply on top (a budget such as ``train.minutes=5`` is required somewhere).
     ``dataset``: any data source instead of ``data.train``; ``backbone``: any ``nn.Module``.
     """
-    from selfsight.config import RunConfig, _merge, build_config, to_dict
+    from selfsight.config import RunConfig, merge, to_dict
+    from selfsight.resolve import build_config
     from selfsight.engine.trainer import pretrain as _pretrain
     if isinstance(config, RunConfig):
         if overrides:
-            config = build_config(_merge(to_dict(config), _tree(overrides)))
+            config = build_config(merge(to_dict(config), _tree(overrides)))
     else:
         config = load_config(config, overrides)
     return _pretrain(config, out, resume=resume, dataset=dataset, backbone=backbone)
@@ -41,14 +42,14 @@ def pretrain(config=None, out: str | Path = "runs/run", *, overrides=None, resum
 
 def _tree(overrides) -> dict:
     """``["a.b=1"]`` or ``{"a.b": 1}`` -> the nested dict the config merges."""
-    from selfsight.config import _set_dotted, parse_overrides
+    from selfsight.config import parse_overrides, set_dotted
     if not overrides:
         return {}
     if not isinstance(overrides, dict):
         return parse_overrides(list(overrides))
     tree: dict = {}
     for key, value in overrides.items():
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return tree
 
 

@@ -81,7 +81,7 @@ def _run_config(args, flags: dict, recipe: str | None):
     """The run's config: its saved config when resuming, else --config or the bundled ``recipe``,
     then the CLI flags and key=value overrides. A budget given with --resume replaces the saved
     one (steps, epochs and minutes together): the run then trains to the new budget."""
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     _check_resume(args)
     files = []
     saved = Path(args.out) / "config.yaml"
@@ -319,7 +319,8 @@ def cmd_methods(args) -> int:
 
 def cmd_demo(args) -> int:
     """The README's main job: SimCLR on Fashion-MNIST, then kNN beside the two baselines."""
-    from selfsight.config import load_config, recipes_dir
+    from selfsight.config import recipes_dir
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
     from selfsight.eval.run_knn import evaluate_knn
     out = Path(args.out)

@@ -1,9 +1,12 @@
-"""Typed run configuration: dataclasses are the schema and the defaults.
+"""Typed run configuration, the schema and its parsing: dataclasses are the schema and the
+defaults, and each field declares its rule (``setting``: choices, bounds), which ``check_fields``
+applies generically.
 
 A run is described by a YAML recipe plus ``key=value`` overrides (dotted keys, YAML
 values). Unknown keys are errors naming the key and the closest valid one. The method
-section's schema depends on ``method.name`` (each method registers its own dataclass).
-The resolved config is saved in the run folder as ``config.yaml``.
+section's schema is the method's own dataclass; ``resolve.build_config`` picks it by
+``method.name``, merges the method's recipe defaults and runs the checks. The resolved config is
+saved in the run folder as ``config.yaml``.
 """
 from __future__ import annotations
 
@@ -22,56 +25,92 @@ class ConfigError(ValueError):
     """A config key or value is invalid; the message names it."""
 
 
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = None, choices: tuple = (), at_least: float | None = None,
+            above: float | None = None, unit: bool = False, off: float | None = None, unit_items: bool = False,
+            scale: bool = False, check: Any = None, unbounded: bool = False):
+    """A config field with its rule, declared where the field is (``check_fields`` applies it):
+    ``choices``; ``at_least`` (>=) or ``above`` (>) a number; ``unit`` (in [0, 1]); ``off``: one more
+    value meaning "off" or "auto" (e.g. -1); ``unit_items``: a list of numbers in [0, 1]; ``scale``:
+    ``[min, max]`` with 0 < min <= max <= 1; ``check``: ``value -> error text or None``;
+    ``unbounded``: any number (seeds). Every float must be finite."""
+    rule = {"choices": tuple(choices), "at_least": at_least, "above": above, "unit": unit, "off": off,
+            "unit_items": unit_items, "scale": scale, "check": check, "unbounded": unbounded}
+    meta = {"rule": {k: v for k, v in rule.items() if v is not None and v is not False and v != ()}}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def unit_range(value: tuple) -> str | None:
+    """A ``check`` for ``[]`` or ``[lo, hi]`` with 0 <= lo <= hi <= 1 (a per-image ratio range)."""
+    if not value or (len(value) == 2 and all(_number(v) for v in value) and 0 <= value[0] <= value[1] <= 1):
+        return None
+    return "must be [] or [min, max] with 0 <= min <= max <= 1"
+
+
+def _nonblank(value: str) -> str | None:
+    return None if value.strip() else "must name a built-in set or a folder"
+
+
+def _cache_choice(value: Any) -> str | None:
+    return None if isinstance(value, bool) or value == "auto" else "must be true, false or auto"
+
+
+def _jitter_values(value: tuple) -> str | None:
+    ok = len(value) in (0, 4) and all(_number(v) and v >= 0 for v in value)
+    return None if ok else "must be [] or [brightness, contrast, saturation, hue] (numbers >= 0)"
+
+
 @dataclass
 class DataConfig:
-    train: str = "fashion-mnist"       # built-in name ("fashion-mnist", "cifar10", ...), a folder or tar shards
+    train: str = setting("fashion-mnist", check=_nonblank)   # built-in name ("fashion-mnist", "cifar10", ...), a folder or tar shards
     root: str = ""                     # where built-in sets live/download; "" = $SELFSIGHT_DATA or ~/.cache/selfsight/data
-    batch_size: int = 256              # GLOBAL batch (all processes together)
-    workers: int = -1                  # DataLoader workers per process; -1 = auto
-    device_augment: str = "auto"       # auto|on: arrays batched on the device, folders/shards hybrid; off: per sample
-    decode: str = "workers"            # workers: JPEGs decoded by DataLoader workers; device: by the GPU (nvJPEG), folders
-    prefetch: int = 2                  # arrays (built-in sets, data.cache) on a GPU: batches gathered ahead in a thread; 0 = off
+    batch_size: int = setting(256, at_least=1)      # GLOBAL batch (all processes together)
+    workers: int = setting(-1, at_least=-1)         # DataLoader workers per process; -1 = auto
+    device_augment: str = setting("auto", choices=("auto", "on", "off"))  # auto|on: arrays batched on the device, folders/shards hybrid; off: per sample
+    decode: str = setting("workers", choices=("workers", "device"))      # workers: JPEGs decoded by DataLoader workers; device: by the GPU (nvJPEG), folders
+    prefetch: int = setting(2, at_least=0)          # arrays (built-in sets, data.cache) on a GPU: batches gathered ahead in a thread; 0 = off
     download: bool = True              # built-in sets missing locally are downloaded by torchvision
-    cache: Any = False                 # folders: pre-decoded uint8 memmap cache: false | true | auto (docs/data.md)
-    cache_size: int = 0                # px of the cached squares; 0 = the view size (smaller images: their own)
-    shuffle_buffer: int = 1000         # tar shards: samples held per stream to shuffle within shards; 0 = shard order
+    cache: Any = setting(False, check=_cache_choice)   # folders: pre-decoded uint8 memmap cache: false | true | auto (docs/data.md)
+    cache_size: int = setting(0, at_least=0)        # px of the cached squares; 0 = the view size (smaller images: their own)
+    shuffle_buffer: int = setting(1000, at_least=0)  # tar shards: samples held per stream to shuffle within shards; 0 = shard order
 
 
 @dataclass
 class ViewsConfig:
     """SimCLR-style view recipe (Chen et al. 2020a, Appendix A); see augment/views.py."""
-    preset: str = "auto"               # auto | small (28-32 px, no blur) | imagenet (224 px)
-    size: int = 0                      # 0 = the preset's size
-    n_views: int = 2
-    crop_scale: tuple = (0.08, 1.0)
-    flip_p: float = 0.5
-    jitter_strength: float = 1.0       # s in (0.8s, 0.8s, 0.8s, 0.2s)
-    jitter: tuple = ()                 # explicit [brightness, contrast, saturation, hue]; [] = the strength rule
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = -1.0               # -1 = the preset's value
-    solarize_p: float = 0.0
-    view_blur_p: tuple = ()            # per-view blur p, e.g. [1.0, 0.1] (BYOL, MoCo v3); [] = blur_p for all
-    view_solarize_p: tuple = ()        # per-view solarize p, e.g. [0.0, 0.2]; [] = solarize_p for all
-    local_crops: int = 0               # multi-crop: small views after the n_views (DINO: 8-10)
-    local_size: int = 0                # 0 = 96/224 of the view size (96 px beside 224)
-    local_crop_scale: tuple = (0.05, 0.4)
-    local_blur_p: float = -1.0         # -1 = 0.5 where the preset blurs, else 0
+    preset: str = setting("auto", choices=("auto", "small", "imagenet"))   # auto (from the images' size) | small (28-32 px, no blur) | imagenet (224 px)
+    size: int = setting(0, at_least=0)              # 0 = the preset's size
+    n_views: int = setting(2, at_least=1)
+    crop_scale: tuple = setting((0.08, 1.0), scale=True)
+    flip_p: float = setting(0.5, unit=True)
+    jitter_strength: float = setting(1.0, at_least=0)   # s in (0.8s, 0.8s, 0.8s, 0.2s)
+    jitter: tuple = setting((), check=_jitter_values)   # explicit [brightness, contrast, saturation, hue]; [] = the strength rule
+    jitter_p: float = setting(0.8, unit=True)
+    gray_p: float = setting(0.2, unit=True)
+    blur_p: float = setting(-1.0, unit=True, off=-1)    # -1 = the preset's value
+    solarize_p: float = setting(0.0, unit=True)
+    view_blur_p: tuple = setting((), unit_items=True)       # per-view blur p, e.g. [1.0, 0.1] (BYOL, MoCo v3); [] = blur_p for all
+    view_solarize_p: tuple = setting((), unit_items=True)   # per-view solarize p, e.g. [0.0, 0.2]; [] = solarize_p for all
+    local_crops: int = setting(0, at_least=0)       # multi-crop: small views after the n_views (DINO: 8-10)
+    local_size: int = setting(0, at_least=0)        # 0 = 96/224 of the view size (96 px beside 224)
+    local_crop_scale: tuple = setting((0.05, 0.4), scale=True)
+    local_blur_p: float = setting(-1.0, unit=True, off=-1)  # -1 = 0.5 where the preset blurs, else 0
 
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet18"
-    small_stem: str = "auto"           # ResNets: auto (cifar for views <= 64 px, else none) | none | cifar (3x3 s1, no max-pool) | s2 (3x3 s2, no max-pool)
-    width: int = 64                    # ResNets: channels of the first stage (64 = torchvision)
+    name: str = "resnet18"             # a registered backbone (checked by resolve against the registry)
+    small_stem: str = setting("auto", choices=("auto", "none", "cifar", "s2"))  # ResNets: auto (cifar for views <= 64 px, else none) | none | cifar (3x3 s1, no max-pool) | s2 (3x3 s2, no max-pool)
+    width: int = setting(64, at_least=1)            # ResNets: channels of the first stage (64 = torchvision)
     zero_init_residual: bool = False   # ResNets: last BN of each residual block starts at 0 (SimSiam)
-    in_chans: int = 0                  # 0 = from the data (1 for gray, 3 for RGB)
-    patch_size: int = 16               # ViTs
-    img_size: int = 0                  # ViTs; 0 = the view size
-    drop_path: float = 0.0             # ViTs
-    pos_embed: str = "learned"         # ViTs: learned | sincos (fixed 2-D sine-cosine, MAE / MoCo v3) | none (BEiT)
-    depth: int = 0                     # ViTs: number of blocks; 0 = the size's own (12)
-    layer_scale: float = 0.0           # ViTs: LayerScale init value (CaiT; BEiT 0.1); 0 = off
+    in_chans: int = setting(0, at_least=0)          # 0 = from the data (1 for gray, 3 for RGB)
+    patch_size: int = setting(16, at_least=1)       # ViTs
+    img_size: int = setting(0, at_least=0)          # ViTs; 0 = the view size
+    drop_path: float = setting(0.0, unit=True)      # ViTs
+    pos_embed: str = setting("learned", choices=("learned", "sincos", "none"))  # ViTs: learned | sincos (fixed 2-D sine-cosine, MAE / MoCo v3) | none (BEiT)
+    depth: int = setting(0, at_least=0)             # ViTs: number of blocks; 0 = the size's own (12)
+    layer_scale: float = setting(0.0, at_least=0)   # ViTs: LayerScale init value (CaiT; BEiT 0.1); 0 = off
     rel_pos_bias: bool = False         # ViTs: BEiT's shared relative position bias (dense input at the build size)
     sync_bn: bool = True               # SyncBatchNorm under DDP (SimCLR's global BN)
     channels_last: bool = True         # ConvNets
@@ -80,36 +119,36 @@ class BackboneConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"                 # sgd | adamw | lars
-    lr: float = 0.3                    # base lr at base_batch; effective lr follows lr_scaling
-    lr_scaling: str = "linear"         # linear (lr*B/base_batch) | sqrt (lr*sqrt(B/base_batch)) | none
-    base_batch: int = 256
-    min_lr: float = 0.0                # cosine floor (absolute)
-    warmup_epochs: float = 0.0
-    warmup_fraction: float = 0.0       # alternative to warmup_epochs: share of the total steps
-    weight_decay: float = 1e-6
-    weight_decay_end: float = -1.0     # -1 = constant weight decay
-    momentum: float = 0.9
-    betas: tuple = (0.9, 0.999)
+    name: str = setting("lars", choices=("sgd", "adamw", "lars"))
+    lr: float = setting(0.3, at_least=0)            # base lr at base_batch; effective lr follows lr_scaling
+    lr_scaling: str = setting("linear", choices=("linear", "sqrt", "none"))  # linear (lr*B/base_batch) | sqrt (lr*sqrt(B/base_batch)) | none
+    base_batch: int = setting(256, at_least=1)
+    min_lr: float = setting(0.0, at_least=0)        # cosine floor (absolute)
+    warmup_epochs: float = setting(0.0, at_least=0)
+    warmup_fraction: float = setting(0.0, unit=True)    # alternative to warmup_epochs: share of the total steps
+    weight_decay: float = setting(1e-6, at_least=0)
+    weight_decay_end: float = setting(-1.0, at_least=0, off=-1)  # -1 = constant weight decay
+    momentum: float = setting(0.9, unit=True)
+    betas: tuple = setting((0.9, 0.999), unit_items=True)
     decay_all: bool = False            # weight decay on biases and norm parameters too (MoCo v3's AdamW)
-    clip_grad: float = 0.0             # max grad norm; 0 = off
-    clip_mode: str = "global"          # global (one norm over all parameters) | per_param (DINO: each tensor)
-    trust_coefficient: float = 1e-3    # LARS eta
+    clip_grad: float = setting(0.0, at_least=0)     # max grad norm; 0 = off
+    clip_mode: str = setting("global", choices=("global", "per_param"))  # global (one norm over all parameters) | per_param (DINO: each tensor)
+    trust_coefficient: float = setting(1e-3, at_least=0)   # LARS eta
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 0.0                # stop after this many epochs (0 = no limit)
-    steps: int = 0                     # stop after this many steps (0 = no limit)
-    minutes: float = 0.0               # wall-clock budget (0 = no limit)
-    schedule_epochs: float = 0.0       # length of the schedules when only --minutes is given (0 = estimate)
-    precision: str = "auto"            # auto | bf16 | fp32
-    seed: int = 0
+    epochs: float = setting(0.0, at_least=0)        # stop after this many epochs (0 = no limit)
+    steps: int = setting(0, at_least=0)             # stop after this many steps (0 = no limit)
+    minutes: float = setting(0.0, at_least=0)       # wall-clock budget (0 = no limit)
+    schedule_epochs: float = setting(0.0, at_least=0)   # length of the schedules when only --minutes is given (0 = estimate)
+    precision: str = setting("auto", choices=("auto", "bf16", "fp32"))
+    seed: int = setting(0, unbounded=True)
     deterministic: bool = False
-    checkpoint_every: int = 500        # steps; 0 = only at the end
-    log_every: int = 20                # steps between metric logs
-    nonfinite_limit: int = 10          # non-finite loss/grad steps: skipped and counted; stop at this many in a row
-    threads: int = 0                   # torch CPU threads per process; 0 = torch default
+    checkpoint_every: int = setting(500, at_least=0)    # steps; 0 = only at the end
+    log_every: int = setting(20, at_least=1)        # steps between metric logs
+    nonfinite_limit: int = setting(10, at_least=1)  # non-finite loss/grad steps: skipped and counted; stop at this many in a row
+    threads: int = setting(0, at_least=0)           # torch CPU threads per process; 0 = torch default
     compile: bool = False              # torch.compile the backbones (falls back to eager with a warning)
     fsdp: bool = False                 # shard parameters, gradients and optimizer state over the processes (FSDP2)
     progress: bool = True
@@ -118,11 +157,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_k: int = setting(20, at_least=1)
+    knn_temperature: float = setting(0.07, above=0)
     test: str = ""                     # test split used by `selfsight demo`; "" = the train set's test split
     online_probe: bool = False         # train a linear probe on detached features during pretraining (needs labels)
-    online_probe_lr: float = 1e-3      # its own Adam learning rate
+    online_probe_lr: float = setting(1e-3, above=0)     # its own Adam learning rate
     online_probe_features: str = "cls" # cls | mean | cls+mean | lastN[+mean] (as eval --features)
 
 
@@ -136,6 +175,65 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str = ""
+
+
+# ---- the generic check of the rules declared on the fields ---------------------------------------
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fail(key: str, what: str, value: Any) -> None:
+    raise ConfigError(f"config key {key!r} {what}, got {list(value) if isinstance(value, tuple) else value!r}")
+
+
+def _check_rule(key: str, value: Any, rule: dict) -> None:
+    off = rule.get("off")
+    if off is not None and value == off:
+        return
+    alt = f" or {off:g}" if off is not None else ""
+    if rule.get("choices") and value not in rule["choices"]:
+        _fail(key, f"must be one of {', '.join(map(str, rule['choices']))}", value)
+    if rule.get("at_least") is not None and value < rule["at_least"]:
+        _fail(key, f"must be >= {rule['at_least']:g}{alt}", value)
+    if rule.get("above") is not None and not value > rule["above"]:
+        _fail(key, f"must be > {rule['above']:g}{alt}", value)
+    if rule.get("unit") and not 0 <= value <= 1:
+        _fail(key, f"must be in [0, 1]{alt}", value)
+    if rule.get("unit_items") and not all(_number(v) and 0 <= v <= 1 for v in value):
+        _fail(key, "must hold numbers in [0, 1]", value)
+    if rule.get("scale") and (len(value) != 2 or not all(_number(v) for v in value)
+                              or not 0 < value[0] <= value[1] <= 1):
+        _fail(key, "must be [min, max] with 0 < min <= max <= 1", value)
+    if rule.get("check") is not None:
+        error = rule["check"](value)
+        if error:
+            _fail(key, error, value)
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Apply the rule each field of a config dataclass declares (``setting``), in nested sections
+    too; every float must be finite. Raises ConfigError (one line naming the key)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            check_fields(value, f"{key}.")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(key, "must be a finite number", value)
+        rule = f.metadata.get("rule")
+        if rule:
+            _check_rule(key, value, rule)
+
+
+def ruled_fields(cls: type, prefix: str = ""):
+    """(key, field) of every field of a config dataclass and its nested sections (for tests)."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            yield from ruled_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
 
 
 def _suggest(key: str, valid: list[str], where: str) -> str:
@@ -211,7 +309,7 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
@@ -221,10 +319,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -239,7 +337,7 @@ def parse_overrides(items: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
-        _set_dotted(tree, key.strip(), value)
+        set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -260,51 +358,6 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return data
-
-
-def build_config(tree: dict, resolved: bool = False) -> RunConfig:
-    """Validate a raw nested dict into a RunConfig (method section chosen by its name).
-
-    ``resolved=True``: ``tree`` is a run's saved, fully resolved config (a checkpoint's): the
-    method's preset defaults are not merged under it again, so a key added to selfsight after
-    the run was written takes its plain default (features are added switched off) instead of a
-    preset value the run never had."""
-    from selfsight.methods import METHODS  # late import: methods register their schemas
-
-    tree = dict(tree)
-    if isinstance(tree.get("method"), str):
-        tree["method"] = {"name": tree["method"]}
-    if not isinstance(tree.get("method") or {}, dict):
-        raise ConfigError(f"config section 'method' must be a mapping or a method name, got {tree['method']!r}")
-    name = (tree.get("method") or {}).get("name", "simclr")
-    if not isinstance(name, str):
-        raise ConfigError(f"config key 'method.name' must be a string, got {name!r}")
-    try:
-        spec = METHODS.get(name)
-    except KeyError as e:
-        raise ConfigError(f"config key 'method.name': {e.args[0]}") from None
-    if not resolved:
-        tree = _merge(spec.defaults, tree)      # the method's own recipe defaults, under the user's
-    method_tree = tree.pop("method", None) or {}
-    method = from_dict(spec.params, {**method_tree, "name": name}, "method.")
-    cfg = from_dict(RunConfig, tree)
-    cfg.method = method
-    from selfsight.validate import validate_config
-    validate_config(cfg)                        # values and combinations, before anything runs
-    return cfg
-
-
-def load_config(files: list[str] | None = None, overrides: list[str] | dict | None = None,
-                flags: dict | None = None) -> RunConfig:
-    """Merge, in order: YAML ``files``, ``flags`` (from CLI options), ``key=value`` overrides."""
-    tree: dict = {}
-    for f in files or []:
-        tree = _merge(tree, read_yaml(f))
-    if flags:
-        tree = _merge(tree, flags)
-    if overrides:
-        tree = _merge(tree, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    return build_config(tree)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

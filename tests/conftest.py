@@ -66,7 +66,8 @@ def small_knn(run, bank_set, test_set, n_test: int = 1000) -> dict:
     """kNN top-1 (k 20, T 0.07) on the first ``n_test`` test images with ``bank_set`` as the bank,
     for the run's trained backbone and for the same backbone at random init."""
     from selfsight.data import ArrayDataset
-    from selfsight.eval.features import backbone_features, extract, load_run
+    from selfsight.eval.features import backbone_features, extract
+    from selfsight.runs import load_run
     from selfsight.eval.knn import knn_accuracy
     test = ArrayDataset(test_set.images[:n_test].clone(), test_set.labels[:n_test].clone())
     acc = {}

@@ -38,7 +38,7 @@ def tiny(**extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, fmnist_small):
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
     run = tmp_path_factory.mktemp("first-hour") / "run"
     pretrain(load_config(None, tiny(**{"train.steps": 3})), run, dataset=fmnist_small)
@@ -119,7 +119,7 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
 
 
 def test_a_new_budget_given_with_resume_applies_and_config_yaml_records_it(tmp_path, capsys):
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import Trainer
     run = tmp_path / "run"                          # on fashion-mnist: the CLI rebuilds the same data
     trainer = Trainer(load_config(None, tiny(**{"train.steps": 150})), run)
@@ -186,7 +186,7 @@ def test_auto_view_sizes():
 def test_export_writes_what_the_file_name_says(trained, tmp_path, capsys):
     from selfsight.deploy import load_backbone, torchvision_model
     from selfsight.deploy.backbone import read_metadata
-    from selfsight.eval.features import load_run
+    from selfsight.runs import load_run
     pt = tmp_path / "model.pt"
     assert main(["export", str(trained), "--out", str(pt), "--format", "torchvision"]) == 0
     assert "torch.load" in capsys.readouterr().out
@@ -260,7 +260,7 @@ def test_a_folder_of_unreadable_files_is_one_line_and_leaves_no_run(tmp_path):
 
 
 def test_a_run_failing_before_its_first_step_leaves_no_folder(tmp_path, fmnist_small, monkeypatch):
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine import trainer as tr
     monkeypatch.setattr(tr.Trainer, "_step", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
@@ -296,7 +296,8 @@ def test_every_option_has_help():
 
 def test_extraction_reports_progress_without_a_terminal(trained, fmnist_small, caplog, monkeypatch):
     from selfsight import progress
-    from selfsight.eval.features import backbone_features, extract, load_run
+    from selfsight.eval.features import backbone_features, extract
+    from selfsight.runs import load_run
     monkeypatch.setattr(progress, "PERIOD", 0.0)          # a line every batch (stderr is no terminal here)
     model, _, pre = load_run(trained)
     caplog.set_level(logging.INFO, logger="selfsight")

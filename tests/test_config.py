@@ -1,6 +1,7 @@
 import pytest
 
-from selfsight.config import ConfigError, load_config, parse_overrides, read_yaml, recipes_dir, save_config
+from selfsight.config import ConfigError, parse_overrides, read_yaml, recipes_dir, save_config
+from selfsight.resolve import load_config
 
 
 def test_misspelled_key_names_the_key_and_the_nearest_valid_one():
@@ -53,3 +54,26 @@ def test_every_bundled_recipe_is_valid():
 def test_yaml_on_off_reach_string_fields_as_on_off():
     assert load_config(overrides=["data.device_augment=off"]).data.device_augment == "off"
     assert load_config(overrides=["data.device_augment=on"]).data.device_augment == "on"
+
+
+def test_every_number_in_the_schema_declares_its_rule():
+    """Bounds live on the fields (``config.setting``), never guessed from a field's name: every int
+    and float of the run config and of each method's section says what it accepts."""
+    import typing
+    from selfsight.config import RunConfig, ruled_fields
+    from selfsight.methods import METHODS
+    classes = [RunConfig] + [METHODS.get(n).params for n in METHODS.names()]
+    bare = [key for cls in classes for key, f in ruled_fields(cls, f"{cls.__name__}.")
+            if f.type in (int, float, "int", "float") and not f.metadata.get("rule")]
+    assert bare == []
+    assert len([1 for cls in classes for _ in ruled_fields(cls)]) > 200      # the walk does reach every section
+
+
+def test_a_method_rule_lives_with_the_method_and_names_the_key():
+    from selfsight.config import ConfigError
+    from selfsight.methods import METHODS
+    assert METHODS.get("mocov2").check is not None and METHODS.get("mae").check is not None
+    with pytest.raises(ConfigError, match="'method.queue_size' must be a positive multiple"):
+        load_config(None, ["method.name=mocov2", "method.queue_size=100", "data.batch_size=64"])
+    with pytest.raises(ConfigError, match="'backbone.name' must be a ViT"):
+        load_config(None, ["method.name=mae", "backbone.name=resnet18"])

@@ -243,7 +243,7 @@ def export_backbone(backbone: nn.Module, meta: dict, out: str | Path, fmt: str =
 
 def export(run: str | Path, out: str | Path, format: str = "safetensors") -> dict:
     """Export the evaluation backbone of a run folder or checkpoint; returns the metadata written."""
-    from selfsight.eval.features import load_run
+    from selfsight.runs import load_run
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     check_out_name(out, format)                    # before the run is loaded: a wrong name fails at once

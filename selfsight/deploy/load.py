@@ -59,7 +59,7 @@ class Preprocess:
 
 
 def _from_run(path: Path, device):
-    from selfsight.eval.features import load_run
+    from selfsight.runs import load_run
     model, cfg, pre = load_run(path, device)
     backbone = model.backbone.eval()
     meta = {"format": "run", "method": cfg.method.name, "backbone": cfg.backbone.name, "image_size": pre["size"],
@@ -79,7 +79,7 @@ def _from_export(path: Path, device):
     if path.suffix.lower() == ".safetensors":
         sd = load_file(str(path))
     else:
-        from selfsight.engine.checkpoint import load_plain
+        from selfsight.files import load_plain
         sd = load_plain(path)
     if fmt == "torchvision":
         net = torchvision_model(meta)
@@ -87,7 +87,7 @@ def _from_export(path: Path, device):
         net = timm_model(meta)
     else:                                           # selfsight's own backbone, rebuilt from the saved config
         from selfsight.backbones import build_backbone
-        from selfsight.config import build_config
+        from selfsight.resolve import build_config
         cfg = build_config(meta["config"], resolved=True)
         net = build_backbone(cfg.backbone, meta["channels"], meta["image_size"])
         if "mask_token" in sd:

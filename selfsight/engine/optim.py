@@ -74,12 +74,13 @@ def skips_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
 
 
-def param_groups(model: nn.Module, decay_all: bool = False) -> list[dict]:
+def param_groups(model: nn.Module, decay_all: bool = False, fixed_lr: list | tuple = ()) -> list[dict]:
     """Two groups: ``decay`` (weights, ndim > 1) and ``no_decay`` (biases, norm params, tokens).
     ``decay_all``: weight decay on the second group too (MoCo v3's AdamW decays every parameter);
-    LARS still leaves it unadapted. Frozen parameters (momentum encoders) are left out. Parameters a
-    method lists in ``fixed_lr_parameters()`` get groups of their own flagged ``fixed_lr``."""
-    fixed = {id(p) for p in getattr(model, "fixed_lr_parameters", list)()}
+    LARS still leaves it unadapted. Frozen parameters (momentum encoders) are left out. The
+    parameters in ``fixed_lr`` (a method's ``fixed_lr_parameters()`` hook) get groups of their own
+    flagged ``fixed_lr``."""
+    fixed = {id(p) for p in fixed_lr}
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -159,15 +160,16 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, ok: torch.Tensor) ->
 
 
 def build_optimizer(model: nn.Module, cfg, device_type: str = "cpu", groups: list[dict] | None = None,
-                    sharded: bool = False) -> torch.optim.Optimizer:
+                    sharded: bool = False, fixed_lr: list | tuple = ()) -> torch.optim.Optimizer:
     """``cfg``: an ``OptimConfig``; ``groups``: parameter groups to use instead of ``param_groups``
-    (e.g. fine-tuning's layer-wise learning-rate groups). ``sharded``: the parameters are FSDP
-    DTensors, which the fused kernels do not take (torch 2.14): the foreach ones are used."""
+    (e.g. fine-tuning's layer-wise learning-rate groups); ``fixed_lr``: parameters kept at the
+    base lr. ``sharded``: the parameters are FSDP DTensors, which the fused kernels do not take
+    (torch 2.14): the foreach ones are used."""
     if sharded:
         device_type = "sharded"
     if cfg.clip_mode not in CLIP_MODES:
         raise ValueError(f"optim.clip_mode must be one of {CLIP_MODES}, got {cfg.clip_mode!r}")
-    groups = param_groups(model, cfg.decay_all) if groups is None else groups
+    groups = param_groups(model, cfg.decay_all, fixed_lr) if groups is None else groups
     if cfg.name == "sgd":
         fused = device_type in ("cuda", "cpu")
         opt = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

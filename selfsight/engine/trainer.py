@@ -26,19 +26,19 @@ from selfsight.data import build_dataset, native_size
 from selfsight.data.arraycache import maybe_cache
 from selfsight.data.loader import ViewLoader
 from selfsight.engine.monitor import collapse_warning, embedding_stats
-from selfsight.engine.checkpoint import (FORMAT_VERSION, atomic_save, check_compatible, load_model_state, rng_state,
-                                         safe_load, set_rng_state)
+from selfsight.engine.checkpoint import rng_state, set_rng_state
 from selfsight.engine.compile import compile_model, toolchain_check, uncompile_model
 from selfsight.engine.optim import build_optimizer, clip_gradients, gradients_finite, step_unless_nonfinite
-from selfsight.engine.schedules import cosine, scaled_lr
+from selfsight.schedules import cosine, scaled_lr
 from selfsight.engine.sharding import OPTIMIZER_FORMAT, full_state, gathered, load_full_state, shard_model
 from selfsight.eval.online_probe import build_online_probe
-from selfsight.methods import METHODS
+from selfsight.methods import build_method, hooks_of
+from selfsight.files import FORMAT_VERSION, atomic_save, load_model_state, safe_load
 from selfsight.nn.distributed import all_ranks, any_rank_true, is_main, rank, world_size
 from selfsight.nn.sync_bn import convert_sync_batchnorm
+from selfsight.runs import CHECKPOINT, check_compatible, preprocess_meta
 
 log = logging.getLogger("selfsight")
-CHECKPOINT = "checkpoint.pt"
 STOP_SYNC_EVERY = 10        # DDP: steps between the all_reduce that agrees on a time or signal stop
 
 
@@ -78,16 +78,6 @@ def setup_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def build_method(cfg: RunConfig, channels: int, image_size: int, backbone: nn.Module | None = None) -> nn.Module:
-    """The method of ``cfg`` around ``backbone`` (default: the one ``cfg.backbone`` names)."""
-    spec = METHODS.get(cfg.method.name)
-    if not spec.needs_backbone:                       # e.g. a tokenizer: the method is the whole network
-        return spec.build(cfg.method, None, channels=channels, image_size=image_size)
-    if backbone is None:
-        backbone = build_backbone(cfg.backbone, channels, image_size)
-    return spec.build(cfg.method, wrap(backbone, in_chans=channels, probe_size=image_size))
-
-
 def describe_setup(cfg: RunConfig, recipe, native: int, found: str, custom_backbone: bool = False) -> str:
     """The start-up line that says which view size, preset and backbone stem a run takes, and why
     (``auto`` choices are made from the images' typical size ``native``, ``data.native_size``)."""
@@ -106,10 +96,6 @@ def describe_setup(cfg: RunConfig, recipe, native: int, found: str, custom_backb
                         "bundled *_fashion_mnist ViT recipes) or larger views.size", recipe.size, b.patch_size,
                         recipe.size // b.patch_size, recipe.size // b.patch_size)
     return f"views: preset {preset} at {recipe.size} px, {net} ({', '.join(why)}; the data: {found})"
-
-
-def preprocess_meta(recipe, channels: int) -> dict:
-    return {"size": recipe.size, "mean": list(recipe.mean), "std": list(recipe.std), "channels": channels}
 
 
 class Trainer:
@@ -142,8 +128,9 @@ class Trainer:
                                  t.seed, cfg.data.workers, cfg.data.device_augment, cfg.data.decode,
                                  cfg.data.prefetch)
         self.model = build_method(cfg, channels, self.recipe.size, backbone).to(self.device)
-        if hasattr(self.model, "make_masker"):          # masked image modeling: masks drawn with each batch
-            self.loader.masker = self.model.make_masker()
+        self.hooks = hooks_of(self.model)               # every call into the method goes through these
+        if self.hooks.make_masker is not None:          # masked image modeling: masks drawn with each batch
+            self.loader.masker = self.hooks.make_masker()
         self.channels_last = cfg.backbone.channels_last and backbone is None and cfg.backbone.name.startswith("resnet")
         if self.channels_last:      # oneDNN (CPU) and cuDNN both run NHWC convolutions faster
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -155,7 +142,8 @@ class Trainer:
             log.info("train.fsdp: one process, nothing to shard")
         if self.fsdp:                 # before the optimizer: it must see the sharded parameters
             shard_model(self.model, self.device, self.amp_dtype)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type, sharded=self.fsdp)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type, sharded=self.fsdp,
+                                         fixed_lr=self.hooks.fixed_lr())
         self.compiled: list[str] = []       # train.compile: the networks compiled (tried in the first step)
         if t.compile:
             try:
@@ -215,7 +203,7 @@ class Trainer:
         sched = {"step": step, "total_steps": total, "epoch": step / self.steps_per_epoch,
                  "progress": step / total, "lr": lr, "weight_decay": wd}
         # values a method declares, e.g. {"momentum": (0.996, 1.0)}: cosine from start to end per step
-        for name, (start, end) in getattr(self.model, "schedules", dict)().items():
+        for name, (start, end) in self.hooks.scheduled().items():
             sched[name] = cosine(step, total, start, end)
         return sched
 
@@ -449,8 +437,8 @@ class Trainer:
         if window["steps"]:
             self._flush_window(window, self.schedule(self.step - 1), bar)
         self.save()
-        if is_main() and hasattr(self.model, "write_artifacts"):     # e.g. a tokenizer's RUN/tokenizer.pt
-            self.model.write_artifacts(self.run_dir)
+        if is_main() and self.hooks.write_artifacts is not None:     # e.g. a tokenizer's RUN/tokenizer.pt
+            self.hooks.write_artifacts(self.run_dir)
         if batch is not None:
             self.write_pictures(batch)
 
@@ -474,11 +462,11 @@ class Trainer:
         ok = all_ranks(torch.isfinite(loss.detach()) & gradients_finite(self.model.parameters()))
         if cfg.optim.clip_grad > 0:
             clip_gradients(self.model.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
-        if hasattr(self.model, "before_optimizer_step"):      # e.g. DINO's frozen last layer
-            self.model.before_optimizer_step(sched)
+        if self.hooks.before_optimizer_step is not None:      # e.g. DINO's frozen last layer
+            self.hooks.before_optimizer_step(sched)
         step_unless_nonfinite(self.optimizer, ok)
-        if hasattr(self.model, "after_step"):
-            self.model.after_step({**sched, "finite": ok})
+        if self.hooks.after_step is not None:
+            self.hooks.after_step({**sched, "finite": ok})
         window["loss"] += torch.where(ok, loss.detach().float(), 0.0)
         window["n"] += ok
         window["steps"] += 1
@@ -564,12 +552,12 @@ class Trainer:
         """The method's pictures of a batch (e.g. MIM masks and reconstructions) as
         ``run_dir/pictures/NAME.png`` (main process; a failure is logged, the run is kept). A
         sharded model computes them on every process (gathering parameters is collective)."""
-        if not hasattr(self.model, "pictures") or not (is_main() or self.fsdp):
+        if self.hooks.pictures is None or not (is_main() or self.fsdp):
             return
         try:
             import torchvision.utils as vutils
             with gathered(self.model):
-                pictures = self.model.pictures(batch)
+                pictures = self.hooks.pictures(batch)
             if not is_main():
                 return
             out = self.run_dir / "pictures"

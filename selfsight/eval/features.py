@@ -8,31 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from selfsight.config import build_config
 from selfsight.data.arrays import ArrayDataset
-from selfsight.engine.checkpoint import CheckpointError, load_model_state, safe_load
 from selfsight.eval.feature_choice import FEATURES, FEATURES_HELP, parse_features  # noqa: F401  (re-exported)
-
-
-def load_run(path: str | Path, device="cpu", random_init: bool = False):
-    """A run folder or checkpoint -> (method module in eval mode, config, preprocess meta).
-
-    ``random_init=True`` builds the same network without loading the trained weights (the
-    random-initialisation baseline; seeded by the run's seed).
-    """
-    from selfsight.engine.trainer import CHECKPOINT, build_method
-    p = Path(path)
-    ck_path = p / CHECKPOINT if p.is_dir() else p
-    if not ck_path.exists():
-        raise CheckpointError(f"no checkpoint at {ck_path}")
-    ck = safe_load(ck_path, map_location="cpu")
-    cfg = build_config(ck["config"], resolved=True)
-    pre = ck["meta"]["preprocess"]
-    torch.manual_seed(cfg.train.seed)
-    model = build_method(cfg, pre["channels"], pre["size"])
-    if not random_init:
-        load_model_state(model, ck["model"], ck_path)
-    return model.to(device).eval(), cfg, pre
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

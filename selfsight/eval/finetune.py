@@ -14,7 +14,7 @@ supervised ResNet recipe of Goyal et al. 2017), BatchNorm in train mode. Both: l
 cross-entropy (Szegedy et al. 2016; torch's ``label_smoothing``), the features standardised by a
 BatchNorm without affine parameters before the new head (``head_norm``; a deviation from the
 papers' bare head, measured in docs/usage.md), linear warm-up then cosine per step
-(``engine.schedules.cosine``), learning rate ``lr · B / 256`` (MAE's ``blr``), random resized crop +
+(``schedules.cosine``), learning rate ``lr · B / 256`` (MAE's ``blr``), random resized crop +
 horizontal flip only (the library's ``BatchedViews`` for in-memory sets, torchvision v2 in workers for
 folders; MixUp, CutMix and RandAugment of MAE are left out). Evaluation uses the resize and
 normalisation of ``features.extract``; top-1/top-5 on the test split.
@@ -35,8 +35,9 @@ from selfsight.config import OptimConfig
 from selfsight.data import ArrayDataset
 from selfsight.data.loader import ViewLoader
 from selfsight.engine.optim import build_optimizer, param_groups, skips_weight_decay
-from selfsight.engine.schedules import cosine, scaled_lr
-from selfsight.eval.features import backbone_features, extract, load_run
+from selfsight.schedules import cosine, scaled_lr
+from selfsight.eval.features import backbone_features, extract
+from selfsight.runs import load_run
 from selfsight.eval.labels import labeled_pair
 from selfsight.eval.linear import accuracy
 from selfsight.eval.online_probe import num_classes_of

@@ -121,7 +121,8 @@ def evaluate_health(run: str, data: str, n_images: int = 4096, baseline: str | N
     min(N, D): give at least as many images as the feature width."""
     from selfsight.augment import resolve_recipe
     from selfsight.data import build_dataset, native_size
-    from selfsight.eval.features import backbone_features, extract, load_run
+    from selfsight.eval.features import backbone_features, extract
+    from selfsight.runs import load_run
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if baseline not in (None, "random"):

@@ -136,7 +136,8 @@ def evaluate_linear_full(run: str, train: str, test: str, baseline: str | None =
     """The full-path linear probe of a run (or of a baseline: ``pixels``, ``random``) on a
     labeled train/test pair (``train_set``/``test_set`` override the specs with data sources; the
     test labels are matched to the training classes by name, ``labels.match_classes``)."""
-    from selfsight.eval.features import backbone_features, load_run, pixel_features
+    from selfsight.eval.features import backbone_features, pixel_features
+    from selfsight.runs import load_run
     from selfsight.eval.labels import labeled_pair
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

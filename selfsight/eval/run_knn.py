@@ -5,7 +5,8 @@ import time
 
 import torch
 
-from selfsight.eval.features import backbone_features, extract, load_run, pixel_features
+from selfsight.eval.features import backbone_features, extract, pixel_features
+from selfsight.runs import load_run
 from selfsight.eval.knn import knn_accuracy
 from selfsight.eval.labels import labeled_pair
 

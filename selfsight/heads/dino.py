@@ -47,3 +47,11 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(self.bottleneck(x))                             # N×K
+
+
+def freeze_last_layer(head: DINOHead, epoch: float, freeze_epochs: float) -> None:
+    """Between backward and the optimizer step: the last layer keeps its initial weights while
+    ``epoch < freeze_epochs`` (official ``cancel_gradients_last_layer``; DINO and iBOT)."""
+    if epoch < freeze_epochs:
+        for p in head.last_layer.parameters():
+            p.grad = None

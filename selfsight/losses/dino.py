@@ -10,6 +10,8 @@ all-reduced across processes, so it equals one process with the global batch.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,3 +53,20 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
         dist.all_reduce(batch_sum)
     new = center * momentum + batch_sum / count * (1.0 - momentum)
     center.copy_(torch.where(torch.isfinite(batch_sum).all(), new, center))
+
+
+@torch.no_grad()
+def dino_monitor(t_p: torch.Tensor, student_global: list[torch.Tensor], student_temp: float) -> dict:
+    """The collapse monitor of DINO and iBOT's class token, as 0-d tensors (no host sync; the engine
+    reads them at log steps): the teacher's mean entropy and its ratio to ln K (uniform collapse:
+    1), the entropy of its batch-mean distribution over ln min(K, n) (one-hot collapse: 0), and
+    KL(P_t || P_s) between the teacher and the student on the same global crops."""
+    log_t = t_p.clamp_min(1e-12).log()
+    entropy = -(t_p * log_t).sum(-1).mean()
+    mean_p = t_p.mean(0)
+    batch_entropy = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+    log_s = torch.log_softmax(torch.cat(student_global).float() / student_temp, -1)
+    kl = (t_p * (log_t - log_s)).sum(-1).mean()                                 # same view: KL(P_t || P_s)
+    k = t_p.shape[1]
+    return {"dino_teacher_entropy": entropy, "dino_entropy_ratio": entropy / math.log(k),
+            "dino_batch_entropy_ratio": batch_entropy / math.log(min(k, t_p.shape[0])), "dino_kl": kl}

@@ -39,3 +39,16 @@ class ViewMasker:
             gh, gw = self.grid(v.shape[-2:])
             masks.append(to_device(self.generator(v.shape[0], gh, gw, seed * 31 + i), v.device))
         return masks
+
+
+def build_masker(mask, patch_size: int, views: tuple, min_patches: int | None = None) -> ViewMasker:
+    """The ``ViewMasker`` of a method's ``method.mask`` section (``MaskParams``) for ``views``;
+    ``min_patches`` overrides the section's (iBOT's default depends on the grid). An invalid value
+    is one line naming the config key."""
+    try:
+        generator = MaskGenerator(mask.kind, mask.ratio, tuple(mask.ratio_range), mask.unmasked_share,
+                                  mask.min_patches if min_patches is None else min_patches, mask.max_patches,
+                                  tuple(mask.aspect))
+    except ValueError as e:                     # the generator names the argument: name the config key
+        raise ValueError(f"method.mask.{e}") from None
+    return ViewMasker(generator, patch_size, views)

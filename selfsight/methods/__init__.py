@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from selfsight.backbones import build_backbone, wrap
+from selfsight.backbones.vit import SIZES
+from selfsight.methods.contract import Hooks, MethodContractError, hooks_of
 from selfsight.registry import Registry
 
 
@@ -19,19 +22,45 @@ class MethodSpec:
     defaults: dict = field(default_factory=dict)   # config tree merged under the user's recipe
     summary: str = ""
     needs_backbone: bool = True     # False: build(params, None, channels=C, image_size=S) (e.g. tokenizers)
+    check: Callable | None = None   # cfg -> None, or (key, what is wrong, value): the method's own config rules
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(name: str, params: type, defaults: dict | None = None, summary: str = "",
-                    needs_backbone: bool = True):
+                    needs_backbone: bool = True, check: Callable | None = None):
+    """Register a method under ``name``: its parameter dataclass (the ``method:`` section, each field
+    with its rule), the builder, the recipe defaults it brings, a summary line and ``check(cfg)``,
+    the rules that concern this method alone (applied by ``resolve`` before anything is built)."""
     def deco(build: Callable) -> Callable:
-        METHODS.register(name)(MethodSpec(params, build, defaults or {}, summary, needs_backbone))
+        METHODS.register(name)(MethodSpec(params, build, defaults or {}, summary, needs_backbone, check))
         return build
     return deco
 
 
+def vit_only(cfg):
+    """A ``check``: masked image modeling masks patches, so the backbone must be a ViT."""
+    if cfg.backbone.name not in SIZES:
+        return ("backbone.name", f"must be a ViT ({', '.join(SIZES)}) for method {cfg.method.name} (masked image "
+                "modeling masks patches)", cfg.backbone.name)
+    return None
+
+
+def build_method(cfg, channels: int, image_size: int, backbone=None):
+    """The method of a run config around ``backbone`` (default: the one ``cfg.backbone`` names),
+    checked against the method contract once (``contract.hooks_of``)."""
+    spec = METHODS.get(cfg.method.name)
+    if not spec.needs_backbone:                       # e.g. a tokenizer: the method is the whole network
+        method = spec.build(cfg.method, None, channels=channels, image_size=image_size)
+    else:
+        if backbone is None:
+            backbone = build_backbone(cfg.backbone, channels, image_size)
+        method = spec.build(cfg.method, wrap(backbone, in_chans=channels, probe_size=image_size))
+    hooks_of(method)
+    return method
+
+
 from selfsight.methods import barlow_twins, byol, dino, ibot, mim, moco, mocov3, simclr, simsiam, tokenizer, vicreg  # noqa: E402,F401  (registers)
 
-__all__ = ["METHODS", "MethodSpec", "register_method"]
+__all__ = ["METHODS", "MethodSpec", "register_method", "build_method", "Hooks", "MethodContractError", "hooks_of"]

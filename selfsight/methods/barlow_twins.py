@@ -16,15 +16,16 @@ import torch.nn as nn
 from selfsight.augment.views import BYOL_VIEWS
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import barlow_twins_loss
+from selfsight.config import setting
 from selfsight.methods import register_method
 
 
 @dataclass
 class BarlowTwinsParams:
     name: str = "barlow_twins"
-    proj_dim: int = 8192              # width of every projector layer ("8192-8192-8192")
-    proj_layers: int = 3
-    lambd: float = 0.0051             # weight of the off-diagonal (redundancy) term
+    proj_dim: int = setting(8192, at_least=1)             # width of every projector layer ("8192-8192-8192")
+    proj_layers: int = setting(3, at_least=1)
+    lambd: float = setting(0.0051, at_least=0)            # weight of the off-diagonal (redundancy) term
 
 
 class BarlowTwins(nn.Module):

@@ -22,6 +22,7 @@ import torch.nn as nn
 from selfsight.augment.views import BYOL_VIEWS
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import byol_regression
+from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.nn.momentum import momentum_copy, momentum_update
 
@@ -29,10 +30,10 @@ from selfsight.nn.momentum import momentum_copy, momentum_update
 @dataclass
 class BYOLParams:
     name: str = "byol"
-    hidden_dim: int = 4096
-    dim: int = 256
-    momentum: float = 0.996           # τ_base; the cosine schedule ends at momentum_end
-    momentum_end: float = 1.0
+    hidden_dim: int = setting(4096, at_least=1)
+    dim: int = setting(256, at_least=1)
+    momentum: float = setting(0.996, unit=True)          # τ_base; the cosine schedule ends at momentum_end
+    momentum_end: float = setting(1.0, unit=True)
 
 
 class BYOL(nn.Module):

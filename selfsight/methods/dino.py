@@ -29,41 +29,32 @@ import torch
 import torch.nn as nn
 
 from selfsight.augment.views import DINO_VIEWS
-from selfsight.engine.schedules import linear_warmup
-from selfsight.heads.dino import DINOHead
-from selfsight.losses.dino import dino_loss, teacher_probs, update_center
+from selfsight.heads.dino import DINOHead, freeze_last_layer
+from selfsight.losses.dino import dino_loss, dino_monitor, teacher_probs, update_center
+from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
+from selfsight.nn.multicrop import group_by_resolution
+from selfsight.schedules import linear_warmup
 
 
 @dataclass
 class DINOParams:
     name: str = "dino"
-    out_dim: int = 65536              # K prototypes
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
+    out_dim: int = setting(65536, at_least=1)             # K prototypes
+    hidden_dim: int = setting(2048, at_least=1)
+    bottleneck_dim: int = setting(256, at_least=1)
+    head_layers: int = setting(3, at_least=1)
     use_bn_in_head: bool = False
     norm_last_layer: bool = True      # freeze the weight norm of the last layer at 1
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07        # after the warm-up; keep <= 0.07 (pitfall 10)
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup_epochs: float = 30.0
-    center_momentum: float = 0.9
-    momentum: float = 0.996           # teacher EMA, cosine to momentum_end; 0.9995 at small batch (B 256)
-    momentum_end: float = 1.0
-    freeze_last_layer: float = 1.0    # epochs without updates of the last layer
-
-
-def _group_by_resolution(views: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Consecutive views of equal shape concatenated: one backbone forward per resolution."""
-    groups: list[list[torch.Tensor]] = []
-    for v in views:
-        if groups and groups[-1][0].shape == v.shape:
-            groups[-1].append(v)
-        else:
-            groups.append([v])
-    return [torch.cat(g) for g in groups]
+    student_temp: float = setting(0.1, above=0)
+    teacher_temp: float = setting(0.07, above=0)       # after the warm-up; keep <= 0.07 (pitfall 10)
+    warmup_teacher_temp: float = setting(0.04, above=0)
+    teacher_temp_warmup_epochs: float = setting(30.0, at_least=0)
+    center_momentum: float = setting(0.9, unit=True)
+    momentum: float = setting(0.996, unit=True)          # teacher EMA, cosine to momentum_end; 0.9995 at small batch (B 256)
+    momentum_end: float = setting(1.0, unit=True)
+    freeze_last_layer: float = setting(1.0, at_least=0)   # epochs without updates of the last layer
 
 
 class DINO(nn.Module):
@@ -93,11 +84,7 @@ class DINO(nn.Module):
         return linear_warmup(epoch, p.warmup_teacher_temp, p.teacher_temp, p.teacher_temp_warmup_epochs)
 
     def before_optimizer_step(self, sched: dict) -> None:
-        """Between backward and the optimizer step: the last layer stays as initialised while
-        ``epoch < freeze_last_layer`` (official ``cancel_gradients_last_layer``)."""
-        if sched.get("epoch", math.inf) < self.params.freeze_last_layer:
-            for p in self.head.last_layer.parameters():
-                p.grad = None
+        freeze_last_layer(self.head, sched.get("epoch", math.inf), self.params.freeze_last_layer)
 
     def after_step(self, sched: dict) -> None:
         momentum_update([self.teacher, self.teacher_head], [self.student, self.head],
@@ -108,7 +95,7 @@ class DINO(nn.Module):
         n_global = 2
         if len(views) < 2:
             raise ValueError("DINO needs at least two views (views.n_views: 2)")
-        feats = [self.student(x) for x in _group_by_resolution(views)]          # per resolution: (n·B)×D
+        feats = [self.student(x) for x in group_by_resolution(views)]          # per resolution: (n·B)×D
         student_logits = self.head(torch.cat(feats)).chunk(len(views))          # V × (B×K)
         tau_t = self.teacher_temperature(sched.get("epoch", 0.0))
         with torch.no_grad():
@@ -116,24 +103,11 @@ class DINO(nn.Module):
             t_p = teacher_probs(t_logits, self.center, tau_t)
             t_chunks = t_p.chunk(n_global)
         loss = dino_loss(list(student_logits), list(t_chunks), self.params.student_temp)
-        monitor = {**self._monitor(t_p, student_logits[:n_global]), "dino_teacher_temp": tau_t}
+        monitor = {**dino_monitor(t_p, student_logits[:n_global], self.params.student_temp),
+                   "dino_teacher_temp": tau_t}
         update_center(self.center, t_logits, self.params.center_momentum)      # after the loss
         b = views[0].shape[0]
         return {"loss": loss, "embedding": feats[0][:b].detach(), "monitor": monitor}
-
-    @torch.no_grad()
-    def _monitor(self, t_p: torch.Tensor, student_global: tuple) -> dict:
-        """Tensors (no host sync); the engine reads them at log steps only."""
-        log_t = t_p.clamp_min(1e-12).log()
-        entropy = -(t_p * log_t).sum(-1).mean()
-        mean_p = t_p.mean(0)
-        batch_entropy = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
-        log_s = torch.log_softmax(torch.cat(student_global).float() / self.params.student_temp, -1)
-        kl = (t_p * (log_t - log_s)).sum(-1).mean()                             # same view: KL(P_t || P_s)
-        k = t_p.shape[1]
-        return {"dino_teacher_entropy": entropy, "dino_entropy_ratio": entropy / math.log(k),
-                "dino_batch_entropy_ratio": batch_entropy / math.log(min(k, t_p.shape[0])),
-                "dino_kl": kl}
 
     def forward(self, batch: dict, sched: dict) -> dict:
         return self.training_step(batch, sched)

@@ -40,16 +40,17 @@ import torch
 import torch.nn as nn
 
 from selfsight.augment.views import DINO_VIEWS
-from selfsight.engine.schedules import linear_warmup
-from selfsight.heads.dino import DINOHead
-from selfsight.losses.dino import dino_loss, teacher_probs, update_center
+from selfsight.heads.dino import DINOHead, freeze_last_layer
+from selfsight.losses.dino import dino_loss, dino_monitor, teacher_probs, update_center
 from selfsight.losses.ibot import ibot_patch_loss, update_patch_center
-from selfsight.masking import MaskGenerator
-from selfsight.masking.views import ViewMasker
-from selfsight.methods import register_method
-from selfsight.methods.dino import DINO, DINO_VIT_OPTIM, _group_by_resolution
+from selfsight.masking.views import ViewMasker, build_masker
+from selfsight.config import setting, unit_range
+from selfsight.methods import register_method, vit_only
+from selfsight.methods.dino import DINO_VIT_OPTIM
 from selfsight.methods.mim import MaskParams
 from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
+from selfsight.nn.multicrop import group_by_resolution
+from selfsight.schedules import linear_warmup
 
 N_GLOBAL = 2
 
@@ -57,36 +58,36 @@ N_GLOBAL = 2
 @dataclass
 class IBOTMaskParams(MaskParams):
     kind: str = "block"               # official pred_shape block
-    ratio: float = 0.3                # used only without ratio_range
-    ratio_range: tuple = (0.1, 0.5)   # pred_ratio 0.3 ± pred_ratio_var 0.2
-    unmasked_share: float = 0.5       # pred_ratio 0 for the other half
-    min_patches: int = 0              # 0 = (min(h, w) // 3)² of the global crops' grid (official)
+    ratio: float = setting(0.3, unit=True)               # used only without ratio_range
+    ratio_range: tuple = setting((0.1, 0.5), check=unit_range)  # pred_ratio 0.3 ± pred_ratio_var 0.2
+    unmasked_share: float = setting(0.5, unit=True)      # pred_ratio 0 for the other half
+    min_patches: int = setting(0, at_least=0)             # 0 = (min(h, w) // 3)² of the global crops' grid (official)
     views: tuple = ()                 # global crops to mask; [] = both
 
 
 @dataclass
 class IBOTParams:
     name: str = "ibot"
-    out_dim: int = 8192               # K, class and patch tokens (shared head)
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
+    out_dim: int = setting(8192, at_least=1)              # K, class and patch tokens (shared head)
+    hidden_dim: int = setting(2048, at_least=1)
+    bottleneck_dim: int = setting(256, at_least=1)
+    head_layers: int = setting(3, at_least=1)
     use_bn_in_head: bool = False
     norm_last_layer: bool = True      # official default; the ViT-S recipe: false
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07        # class token, after the warm-up (README recipe; keep <= 0.07)
-    warmup_teacher_temp: float = 0.04
-    teacher_patch_temp: float = 0.07  # patch tokens, after the warm-up
-    warmup_teacher_patch_temp: float = 0.04
-    teacher_temp_warmup_epochs: float = 30.0
-    center_momentum: float = 0.9      # c1 (class token)
-    patch_center_momentum: float = 0.9  # c2 (patch tokens)
-    momentum: float = 0.996           # teacher EMA, cosine to momentum_end per step
-    momentum_end: float = 1.0
-    freeze_last_layer: float = 1.0    # epochs without updates of the (shared) last layer
-    lambda1: float = 1.0              # weight of L_cls
-    lambda2: float = 1.0              # weight of L_patch
-    pred_start_epoch: float = 0.0     # no masking before (official: 50 for Swin)
+    student_temp: float = setting(0.1, above=0)
+    teacher_temp: float = setting(0.07, above=0)       # class token, after the warm-up (README recipe; keep <= 0.07)
+    warmup_teacher_temp: float = setting(0.04, above=0)
+    teacher_patch_temp: float = setting(0.07, above=0) # patch tokens, after the warm-up
+    warmup_teacher_patch_temp: float = setting(0.04, above=0)
+    teacher_temp_warmup_epochs: float = setting(30.0, at_least=0)
+    center_momentum: float = setting(0.9, unit=True)     # c1 (class token)
+    patch_center_momentum: float = setting(0.9, unit=True) # c2 (patch tokens)
+    momentum: float = setting(0.996, unit=True)          # teacher EMA, cosine to momentum_end per step
+    momentum_end: float = setting(1.0, unit=True)
+    freeze_last_layer: float = setting(1.0, at_least=0)   # epochs without updates of the (shared) last layer
+    lambda1: float = setting(1.0, at_least=0)             # weight of L_cls
+    lambda2: float = setting(1.0, at_least=0)             # weight of L_patch
+    pred_start_epoch: float = setting(0.0, at_least=0)    # no masking before (official: 50 for Swin)
     mask: IBOTMaskParams = field(default_factory=IBOTMaskParams)
 
 
@@ -108,19 +109,20 @@ class IBOT(nn.Module):
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, p.out_dim))              # c1: 1×K, checkpointed
         self.register_buffer("patch_center", torch.zeros(1, p.out_dim))        # c2: 1×K, checkpointed
-        m, grid = p.mask, backbone.net.patch_embed.grid_size
-        try:
-            generator = MaskGenerator(m.kind, m.ratio, tuple(m.ratio_range), m.unmasked_share,
-                                      m.min_patches or max(1, (min(grid) // 3) ** 2), m.max_patches, tuple(m.aspect))
-        except ValueError as e:             # the generator names the argument: name the config key
-            raise ValueError(f"method.mask.{e}") from None
-        self.masker = ViewMasker(generator, backbone.patch_size, views)
+        grid = backbone.net.patch_embed.grid_size
+        self.masker = build_masker(p.mask, backbone.patch_size, views, p.mask.min_patches
+                                   or max(1, (min(grid) // 3) ** 2))
 
-    # the same attributes as DINO's (params.freeze_last_layer, head.last_layer, params.student_temp)
-    backbone = DINO.backbone                # the teacher (methods.md pitfall 25)
-    finetune_network = DINO.finetune_network
-    before_optimizer_step = DINO.before_optimizer_step     # last layer frozen while epoch < freeze_last_layer
-    _monitor = DINO._monitor                # class-token collapse monitor (dino_* keys)
+    @property
+    def backbone(self) -> nn.Module:
+        """The network evaluation and export use: the teacher's backbone (methods.md pitfall 25)."""
+        return self.teacher
+
+    def finetune_network(self) -> nn.Module:
+        return self.teacher
+
+    def before_optimizer_step(self, sched: dict) -> None:
+        freeze_last_layer(self.head, sched.get("epoch", math.inf), self.params.freeze_last_layer)
 
     def make_masker(self) -> ViewMasker:
         """The loader draws the global crops' masks with this when it assembles a batch."""
@@ -162,7 +164,7 @@ class IBOT(nn.Module):
         masks = self._masks(batch, epoch)
         g, mask = torch.cat(views[:N_GLOBAL]), torch.cat(masks)               # (2B)×C×H×W, (2B)×N
         f = self.student.forward_features(g, mask)                             # cls (2B)×D, patch (2B)×N×D
-        local = [self.student(x) for x in _group_by_resolution(views[N_GLOBAL:])]   # per resolution: (n·B)×D
+        local = [self.student(x) for x in group_by_resolution(views[N_GLOBAL:])]   # per resolution: (n·B)×D
         n_tok = f.patch.shape[0] * f.patch.shape[1]
         out = self.head(torch.cat([f.cls, *local, f.patch.flatten(0, 1)]))      # (V·B + 2B·N)×K
         s_cls = out[:-n_tok].chunk(len(views))                                  # V × (B×K)
@@ -179,7 +181,7 @@ class IBOT(nn.Module):
         loss = p.lambda1 * loss_cls + p.lambda2 * loss_patch
         with torch.no_grad():                                                   # 8 images: B×N×K is large
             ent = -(t_pp[:8] * t_pp[:8].clamp_min(1e-12).log()).sum(-1).mean()
-        monitor = {**self._monitor(t_p, s_cls[:N_GLOBAL]), "ibot_cls_loss": loss_cls.detach(),
+        monitor = {**dino_monitor(t_p, s_cls[:N_GLOBAL], p.student_temp), "ibot_cls_loss": loss_cls.detach(),
                    "ibot_patch_loss": loss_patch.detach(), "ibot_patch_entropy_ratio": ent / math.log(p.out_dim),
                    "mask_ratio": mask.float().mean(), "ibot_teacher_temp": tau, "ibot_teacher_patch_temp": tau_patch}
         update_center(self.center, t_cls, p.center_momentum)                   # after the loss
@@ -192,7 +194,7 @@ class IBOT(nn.Module):
 
 
 register_method(
-    "ibot", IBOTParams,
+    "ibot", IBOTParams, check=vit_only,
     # ViT-S/16 recipe (README; main_ibot.py defaults as DINO's): AdamW lr 5e-4·B/256, 10 warm-up
     # epochs, cosine to 1e-6, wd cosine 0.04 -> 0.4 (weights only), per-parameter clipping at 3,
     # drop-path 0.1 in the student; 2 global crops (0.25-1) with BYOL's asymmetric blur/solarize and

@@ -37,9 +37,9 @@ from selfsight.heads.aggregation import PatchAggregation
 from selfsight.heads.mim import build_mim_head
 from selfsight.losses.mim import mim_loss
 from selfsight.losses.nt_xent import nt_xent
-from selfsight.masking import MaskGenerator
-from selfsight.masking.views import ViewMasker
-from selfsight.methods import register_method
+from selfsight.masking.views import ViewMasker, build_masker
+from selfsight.config import setting, unit_range
+from selfsight.methods import register_method, vit_only
 from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
 import torchvision.utils as vutils
 
@@ -49,11 +49,11 @@ from selfsight.targets import build_target, normalize_target, patchify, unpatchi
 @dataclass
 class MaskParams:
     kind: str = "random"              # random (MAE: per-sample argsort) | block (BEiT: block-wise)
-    ratio: float = 0.75
-    ratio_range: tuple = ()           # [lo, hi]: per-image ratio ~ U(lo, hi) (iBOT)
-    unmasked_share: float = 0.0       # share of images left unmasked (iBOT 0.5)
-    min_patches: int = 0              # block: minimum patches per block; 0 = target // 5 (MaskFeat)
-    max_patches: int = 0              # block: 0 = no cap
+    ratio: float = setting(0.75, unit=True)
+    ratio_range: tuple = setting((), check=unit_range)          # [lo, hi]: per-image ratio ~ U(lo, hi) (iBOT)
+    unmasked_share: float = setting(0.0, unit=True)      # share of images left unmasked (iBOT 0.5)
+    min_patches: int = setting(0, at_least=0)             # block: minimum patches per block; 0 = target // 5 (MaskFeat)
+    max_patches: int = setting(0, at_least=0)             # block: 0 = no cap
     aspect: tuple = (0.3, 1 / 0.3)    # block: aspect-ratio range (log-uniform)
     views: tuple = ()                 # views that get a mask; [] = the first 1 (2 with a global term)
 
@@ -62,35 +62,35 @@ class MaskParams:
 class TargetParams:
     kind: str = "pixels"              # pixels | hog | teacher | ema | tokens
     norm: str = "patch"               # none | patch (MAE norm-pix) | layernorm (no affine) | l2
-    hog_bins: int = 9
-    hog_cell: int = 8                 # HOG cell side in pixels (MaskFeat: 8 px cells, 16 px patches)
+    hog_bins: int = setting(9, at_least=1)
+    hog_cell: int = setting(8, at_least=1)                # HOG cell side in pixels (MaskFeat: 8 px cells, 16 px patches)
     teacher: str = ""                 # teacher: a selfsight run/checkpoint, or timm:NAME / torchvision:NAME
     teacher_weights: str = ""         # local weights file for timm:/torchvision: teachers
-    teacher_size: int = 0             # teacher input side; 0 = the view's
-    teacher_dim: int = 0              # filled in from the teacher (lets a run be rebuilt without its file)
-    momentum: float = 0.999           # ema: teacher momentum, cosine to momentum_end per step
-    momentum_end: float = 1.0
+    teacher_size: int = setting(0, at_least=0)            # teacher input side; 0 = the view's
+    teacher_dim: int = setting(0, at_least=0)             # filled in from the teacher (lets a run be rebuilt without its file)
+    momentum: float = setting(0.999, unit=True)          # ema: teacher momentum, cosine to momentum_end per step
+    momentum_end: float = setting(1.0, unit=True)
     tokenizer: str = ""               # tokens: path of a tokenizer artifact
 
 
 @dataclass
 class HeadParams:
     kind: str = "decoder"             # linear | mlp | decoder (MAE)
-    hidden_dim: int = 2048            # mlp
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    aggregation_layer: int = 0        # BEiT v2 patch aggregation: early layer l (0 = off; ViT-B: 9)
-    aggregation_depth: int = 2        # extra blocks of the aggregation branch
+    hidden_dim: int = setting(2048, at_least=1)           # mlp
+    decoder_dim: int = setting(512, at_least=1)
+    decoder_depth: int = setting(8, at_least=0)
+    decoder_heads: int = setting(16, at_least=1)
+    aggregation_layer: int = setting(0, at_least=0)       # BEiT v2 patch aggregation: early layer l (0 = off; ViT-B: 9)
+    aggregation_depth: int = setting(2, at_least=0)       # extra blocks of the aggregation branch
 
 
 @dataclass
 class GlobalParams:
     kind: str = "none"                # none | contrastive (NT-Xent on the class tokens of 2 masked views)
-    weight: float = 1.0
-    temperature: float = 0.2
-    hidden_dim: int = 2048
-    dim: int = 128
+    weight: float = setting(1.0, at_least=0)
+    temperature: float = setting(0.2, above=0)
+    hidden_dim: int = setting(2048, at_least=1)
+    dim: int = setting(128, at_least=1)
 
 
 @dataclass
@@ -98,7 +98,7 @@ class MIMParams:
     name: str = "mim"
     student_input: str = "sparse"     # sparse (MAE: masked patches dropped) | dense (mask tokens)
     loss: str = "l2"                  # l2 | l1 | smooth_l1 | cosine | ce
-    smooth_l1_beta: float = 1.0
+    smooth_l1_beta: float = setting(1.0, at_least=0)
     mask: MaskParams = field(default_factory=MaskParams)
     target: TargetParams = field(default_factory=TargetParams)
     head: HeadParams = field(default_factory=HeadParams)
@@ -143,13 +143,7 @@ class MIM(nn.Module):
             if g.kind == "contrastive" else None
         n_masked = 2 if g.kind == "contrastive" else 1
         self.masked_views = tuple(p.mask.views) or tuple(range(n_masked))
-        m = p.mask
-        try:
-            generator = MaskGenerator(m.kind, m.ratio, tuple(m.ratio_range), m.unmasked_share, m.min_patches,
-                                      m.max_patches, tuple(m.aspect))
-        except ValueError as e:                     # the generator names the argument: name the config key
-            raise ValueError(f"method.mask.{e}") from None
-        self.masker = ViewMasker(generator, self.patch_size, self.masked_views)
+        self.masker = build_masker(p.mask, self.patch_size, self.masked_views)
 
     @property
     def backbone(self) -> nn.Module:
@@ -339,4 +333,4 @@ for _name, _defaults, _summary in (
         ("beit", _BEIT_DEFAULTS, "BEiT: mask tokens, block masking 40 %, linear head, cross-entropy to the ids "
                                  "of a tokenizer (selfsight tokenizer train)"),
         ("beitv2", _BEITV2_DEFAULTS, "BEiT v2: BEiT with the ids of a VQ-KD tokenizer (tokenizer train --kind vqkd)")):
-    register_method(_name, MIMParams, defaults=_defaults, summary=_summary)(MIM)
+    register_method(_name, MIMParams, defaults=_defaults, summary=_summary, check=vit_only)(MIM)

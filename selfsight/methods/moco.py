@@ -33,6 +33,7 @@ from selfsight.augment.views import MOCO_V2_VIEWS
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import info_nce_queue
 from selfsight.losses.common import upcast
+from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.nn.distributed import gather_no_grad, world_size
 from selfsight.nn.momentum import momentum_copy, momentum_update
@@ -42,16 +43,16 @@ from selfsight.nn.shuffle_bn import convert_split_bn, shuffled_forward
 @dataclass
 class MoCoParams:
     name: str = "mocov2"
-    temperature: float = 0.2          # v1 0.07, v2 0.2
+    temperature: float = setting(0.2, above=0)         # v1 0.07, v2 0.2
     head: str = "mlp"                 # linear (v1: fc -> dim) | mlp (v2: Linear-ReLU-Linear, no BN)
-    head_hidden_dim: int = 0          # 0 = the backbone's width (2048 for ResNet-50), as the paper
-    dim: int = 128
-    queue_size: int = 65536           # K; a multiple of the global batch (x2 when symmetric)
-    momentum: float = 0.999
-    momentum_end: float = -1.0        # -1 = constant momentum (the paper); else cosine to this value per step
+    head_hidden_dim: int = setting(0, at_least=0)         # 0 = the backbone's width (2048 for ResNet-50), as the paper
+    dim: int = setting(128, at_least=1)
+    queue_size: int = setting(65536, at_least=1)          # K; a multiple of the global batch (x2 when symmetric)
+    momentum: float = setting(0.999, unit=True)
+    momentum_end: float = setting(-1.0, unit=True, off=-1)       # -1 = constant momentum (the paper); else cosine to this value per step
     symmetric: bool = False
     shuffle_bn: bool = True
-    bn_splits: int = 0                # BN groups per process; 0 = 8 in one process, 1 per process under DDP
+    bn_splits: int = setting(0, at_least=0)               # BN groups per process; 0 = 8 in one process, 1 per process under DDP
 
 
 class MoCo(nn.Module):
@@ -138,8 +139,18 @@ def _forget_pointer(module: "MoCo", incompatible_keys) -> None:
 _SGD = {"name": "sgd", "lr": 0.03, "lr_scaling": "linear", "base_batch": 256, "weight_decay": 1e-4,
         "momentum": 0.9, "warmup_epochs": 0, "decay_all": True}
 # MoCo uses per-process BN with shuffle-BN, never SyncBN (methods.md §18).
+def queue_fits_the_batch(cfg):
+    """The queue must take whole steps of keys: a positive multiple of the keys enqueued per step."""
+    m = cfg.method
+    per_step = cfg.data.batch_size * (2 if m.symmetric else 1)
+    if m.queue_size < 1 or m.queue_size % per_step:
+        return ("method.queue_size", f"must be a positive multiple of the keys enqueued per step ({per_step}: "
+                f"data.batch_size{' x2, symmetric loss' if m.symmetric else ''})", m.queue_size)
+    return None
+
+
 register_method(
-    "mocov1", MoCoParams,
+    "mocov1", MoCoParams, check=queue_fits_the_batch,
     # v1: SGD 0.03 @ B=256, wd 1e-4, InstDisc views (crop 0.2-1, jitter 0.4 always, gray 0.2).
     # The paper's lr steps at epochs 120/160 are replaced by the engine's cosine schedule.
     defaults={"method": {"temperature": 0.07, "head": "linear"}, "optim": _SGD,
@@ -148,7 +159,7 @@ register_method(
     summary="MoCo v1: InfoNCE against a queue of momentum-encoder keys, shuffle-BN, linear head",
 )(MoCo)
 register_method(
-    "mocov2", MoCoParams,
+    "mocov2", MoCoParams, check=queue_fits_the_batch,
     # v2: + MLP head, T 0.2, aug+ (crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2, blur 0.5), cosine lr.
     defaults={"method": {"temperature": 0.2, "head": "mlp"}, "optim": _SGD,
               "backbone": {"sync_bn": False},

@@ -29,6 +29,7 @@ from selfsight.augment.views import BYOL_VIEWS
 from selfsight.backbones.vit import ViTBackbone
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import moco_v3_loss
+from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.nn.momentum import momentum_copy, momentum_update
 
@@ -36,12 +37,12 @@ from selfsight.nn.momentum import momentum_copy, momentum_update
 @dataclass
 class MoCoV3Params:
     name: str = "mocov3"
-    temperature: float = 0.0          # 0 = auto: 1.0 for ConvNets, 0.2 for ViTs
-    proj_layers: int = 0              # 0 = auto: 2 for ConvNets, 3 for ViTs
-    hidden_dim: int = 4096            # MLP hidden width (projector and predictor)
-    dim: int = 256                    # output width
-    momentum: float = 0.99            # start of the cosine schedule
-    momentum_end: float = 1.0
+    temperature: float = setting(0.0, at_least=0)         # 0 = auto: 1.0 for ConvNets, 0.2 for ViTs
+    proj_layers: int = setting(0, at_least=0)             # 0 = auto: 2 for ConvNets, 3 for ViTs
+    hidden_dim: int = setting(4096, at_least=1)           # MLP hidden width (projector and predictor)
+    dim: int = setting(256, at_least=1)                   # output width
+    momentum: float = setting(0.99, unit=True)           # start of the cosine schedule
+    momentum_end: float = setting(1.0, unit=True)
     freeze_patch_embed: bool = True   # ViTs: patch projection frozen at random init (stop-grad-conv1)
 
 

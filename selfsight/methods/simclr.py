@@ -16,18 +16,19 @@ import torch.nn as nn
 
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import nt_xent
+from selfsight.config import setting
 from selfsight.methods import register_method
 
 
 @dataclass
 class SimCLRParams:
     name: str = "simclr"
-    version: int = 1                  # 1: 2-layer projector (v1); 2: 3-layer projector (v2)
-    temperature: float = 0.1          # ImageNet 0.1; the CIFAR README command uses 0.5
-    proj_hidden_dim: int = 0          # 0 = the backbone's width (2048 for ResNet-50), as the paper
-    proj_out_dim: int = 128
-    proj_layers: int = 0              # 0 = 2 for v1, 3 for v2
-    finetune_head_layers: int = 0     # v2: projector layers kept for fine-tuning (paper: 1)
+    version: int = setting(1, choices=(1, 2))                 # 1: 2-layer projector (v1); 2: 3-layer projector (v2)
+    temperature: float = setting(0.1, above=0)         # ImageNet 0.1; the CIFAR README command uses 0.5
+    proj_hidden_dim: int = setting(0, at_least=0)         # 0 = the backbone's width (2048 for ResNet-50), as the paper
+    proj_out_dim: int = setting(128, at_least=1)
+    proj_layers: int = setting(0, at_least=0)             # 0 = 2 for v1, 3 for v2
+    finetune_head_layers: int = setting(0, at_least=0)    # v2: projector layers kept for fine-tuning (paper: 1)
 
 
 class SimCLR(nn.Module):

@@ -22,16 +22,17 @@ import torch.nn as nn
 from selfsight.augment.views import MOCO_V2_VIEWS
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import negative_cosine
+from selfsight.config import setting
 from selfsight.methods import register_method
 
 
 @dataclass
 class SimSiamParams:
     name: str = "simsiam"
-    dim: int = 2048                   # projector output (and predictor output)
-    proj_hidden_dim: int = 0          # 0 = the backbone's width (official: prev_dim)
-    proj_layers: int = 3              # the paper's CIFAR variant uses 2
-    pred_hidden_dim: int = 512        # bottleneck
+    dim: int = setting(2048, at_least=1)                  # projector output (and predictor output)
+    proj_hidden_dim: int = setting(0, at_least=0)         # 0 = the backbone's width (official: prev_dim)
+    proj_layers: int = setting(3, at_least=1)             # the paper's CIFAR variant uses 2
+    pred_hidden_dim: int = setting(512, at_least=1)       # bottleneck
     fix_pred_lr: bool = True
     stop_gradient: bool = True
 

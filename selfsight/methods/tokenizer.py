@@ -30,6 +30,7 @@ import torch.nn as nn
 import torchvision.utils as vutils
 
 from selfsight.augment.views import default_normalization
+from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.targets import build_teacher_target, save_tokenizer
 
@@ -42,19 +43,19 @@ class TokenizerParams:
     name: str = "tokenizer"
     kind: str = "vq"                  # vq (VQ-VAE / VQ-KD) | dvae (DALL-E)
     target: str = "pixels"            # vq: pixels (VQ-VAE) | teacher (VQ-KD, BEiT v2)
-    vocab_size: int = 512
-    dim: int = 32                     # vq: code dimension
-    hidden: int = 64                  # conv width
-    downsample: int = 4               # token grid = side / downsample: the BEiT student's patch size
-    decay: float = 0.99               # vq: codebook EMA
-    commitment: float = 0.25          # vq: β of the commitment loss
-    kl_weight: float = 0.0            # dvae: weight of KL(q || uniform); 0 = the module's default
-    temperature: float = 1.0          # dvae: Gumbel-softmax τ, cosine per step to temperature_end
-    temperature_end: float = 0.0625
+    vocab_size: int = setting(512, at_least=1)
+    dim: int = setting(32, at_least=1)                    # vq: code dimension
+    hidden: int = setting(64, at_least=1)                 # conv width
+    downsample: int = setting(4, at_least=1)              # token grid = side / downsample: the BEiT student's patch size
+    decay: float = setting(0.99, unit=True)              # vq: codebook EMA
+    commitment: float = setting(0.25, at_least=0)         # vq: β of the commitment loss
+    kl_weight: float = setting(0.0, at_least=0)           # dvae: weight of KL(q || uniform); 0 = the module's default
+    temperature: float = setting(1.0, above=0)         # dvae: Gumbel-softmax τ, cosine per step to temperature_end
+    temperature_end: float = setting(0.0625, above=0)
     teacher: str = ""                 # vq + teacher: a selfsight run, or timm:NAME / torchvision:NAME
     teacher_weights: str = ""
-    teacher_size: int = 0
-    teacher_dim: int = 0              # filled in from the teacher
+    teacher_size: int = setting(0, at_least=0)
+    teacher_dim: int = setting(0, at_least=0)             # filled in from the teacher
 
 
 class TokenizerTraining(nn.Module):
@@ -69,6 +70,7 @@ class TokenizerTraining(nn.Module):
         if p.kind == "dvae" and p.target != "pixels":
             raise ValueError("method.target=teacher (VQ-KD) needs method.kind=vq; a dVAE reconstructs pixels")
         self.preprocess = preprocess
+        self._last: dict = {}             # the last batch's monitor values, for the closing log line
         self.teacher = None
         if p.kind == "dvae":
             self.config = {"channels": channels, "vocab_size": p.vocab_size, "hidden": p.hidden,
@@ -100,7 +102,7 @@ class TokenizerTraining(nn.Module):
         feats = self.teacher(x, grid)                                            # B×N×D
         return feats.transpose(1, 2).reshape(x.shape[0], -1, *grid).float()      # B×D×h×w
 
-    def forward(self, batch: dict, sched: dict) -> dict:
+    def training_step(self, batch: dict, sched: dict) -> dict:
         x = batch["views"][0]                                                    # B×C×H×W, normalized
         if self.params.kind == "dvae":
             out = self.tokenizer(x, sched.get("temperature", self.params.temperature))
@@ -112,6 +114,9 @@ class TokenizerTraining(nn.Module):
             monitor["temperature"] = sched.get("temperature", self.params.temperature)
         self._last = {k: v.detach() if torch.is_tensor(v) else v for k, v in monitor.items()}   # for the summary
         return {"loss": out["loss"], "monitor": monitor}
+
+    def forward(self, batch: dict, sched: dict) -> dict:            # so DDP can wrap the method
+        return self.training_step(batch, sched)
 
     @torch.no_grad()
     def pictures(self, batch: dict) -> dict:
@@ -140,7 +145,7 @@ class TokenizerTraining(nn.Module):
         line with the last batch's reconstruction error and codebook use."""
         path = f"{run_dir}/tokenizer.pt"
         save_tokenizer(self.tokenizer, self.params.kind, self.config, self.preprocess, path)
-        last = {k: float(v) for k, v in getattr(self, "_last", {}).items()}
+        last = {k: float(v) for k, v in self._last.items()}
         if last:
             error = (f"reconstruction MSE {last['recon_mse']:.4f}" if "recon_mse" in last
                      else f"mean cosine to the teacher's features {last.get('cosine', float('nan')):.4f}")

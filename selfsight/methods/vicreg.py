@@ -13,17 +13,18 @@ import torch.nn as nn
 from selfsight.augment.views import BYOL_VIEWS
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import vicreg_loss
+from selfsight.config import setting
 from selfsight.methods import register_method
 
 
 @dataclass
 class VICRegParams:
     name: str = "vicreg"
-    proj_dim: int = 8192              # width of every expander layer ("8192-8192-8192")
-    proj_layers: int = 3
-    sim_coeff: float = 25.0           # λ, invariance
-    std_coeff: float = 25.0           # μ, variance
-    cov_coeff: float = 1.0            # ν, covariance
+    proj_dim: int = setting(8192, at_least=1)             # width of every expander layer ("8192-8192-8192")
+    proj_layers: int = setting(3, at_least=1)
+    sim_coeff: float = setting(25.0, at_least=0)          # λ, invariance
+    std_coeff: float = setting(25.0, at_least=0)          # μ, variance
+    cov_coeff: float = setting(1.0, at_least=0)           # ν, covariance
 
 
 class VICReg(nn.Module):

@@ -84,7 +84,7 @@ def _load_weights(path: str) -> dict:
         except ImportError:
             raise ImportError("reading .safetensors weights needs `pip install safetensors`") from None
         return load_file(path)
-    from selfsight.engine.checkpoint import load_plain
+    from selfsight.files import load_plain
     state = load_plain(path)                    # weights_only: a pickled code payload is refused, never run
     return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
 
@@ -111,7 +111,7 @@ def load_teacher(spec: str, weights: str = "") -> tuple[nn.Module, dict]:
         if not Path(spec).exists():
             raise FileNotFoundError(f"method.target.teacher {spec!r}: no such run folder or checkpoint "
                                     "(or name a model as timm:NAME / torchvision:NAME with teacher_weights)")
-        from selfsight.eval.features import load_run
+        from selfsight.runs import load_run  # the one upward import: a teacher that is an earlier run
         method, _, pre = load_run(spec)
         net = method.backbone
     for p in net.parameters():

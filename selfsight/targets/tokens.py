@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from selfsight.engine.checkpoint import CheckpointError, load_model_state, safe_load
+from selfsight.files import CheckpointError, atomic_save, load_model_state, safe_load
 from selfsight.registry import Registry
 
 TOKENIZERS: Registry = Registry("tokenizer")
 
 
 def save_tokenizer(module: nn.Module, kind: str, config: dict, preprocess: dict, path: str | Path) -> None:
-    from selfsight.engine.checkpoint import atomic_save
     atomic_save({"format_version": 1, "kind": kind, "config": config, "state_dict": module.state_dict(),
                  "preprocess": preprocess}, path)
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.utils as vutils
 
+from selfsight.methods import hooks_of
 from selfsight.viz import draw
 
 log = logging.getLogger("selfsight")
@@ -264,7 +265,8 @@ def write_pictures(run: str | Path, data=None, out: str | Path | None = None, n:
     ``maps``: any of pca, tsne, umap. Curves come from ``RUN/metrics.jsonl`` alone.
     """
     from selfsight.data import build_dataset, held_out_split
-    from selfsight.eval.features import backbone_features, extract, load_run
+    from selfsight.eval.features import backbone_features, extract
+    from selfsight.runs import load_run
     from selfsight.data.arrays import ArrayDataset
     run = Path(run)
     run_dir = run if run.is_dir() else run.parent
@@ -288,10 +290,11 @@ def write_pictures(run: str | Path, data=None, out: str | Path | None = None, n:
     x01 = images.float() / 255                                               # n×C×S×S in [0, 1]
     has_labels = bool((labels >= 0).all())
 
-    if hasattr(model, "pictures"):              # the method's own: MIM masks, tokenizer reconstructions
+    hooks = hooks_of(model)
+    if hooks.pictures is not None:              # the method's own: MIM masks, tokenizer reconstructions
         xb = ((x01[:8] - mean) / std).to(device)
         views = [xb] * max(2, cfg.views.n_views)
-        for name, image in model.pictures({"views": views, "label": labels[:8], "skipped": 0}).items():
+        for name, image in hooks.pictures({"views": views, "label": labels[:8], "skipped": 0}).items():
             written[name] = out / f"{name}.png"
             _save(image, written[name])
     try:

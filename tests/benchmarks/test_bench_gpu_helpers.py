@@ -37,7 +37,7 @@ def test_timed_window_skips_warmup_and_weights_rows_by_their_steps(tmp_path):
 
 def test_loader_throughput_counts_the_images_the_workers_deliver(tmp_path):
     import loader_throughput as lt
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     root = gt.make_jpeg_folder(str(tmp_path / "jpegs"), 48, 64, 96, procs=1)
     cfg = load_config(overrides=gt.RECIPES["simclr_r50"].tiny + [f"data.train={root}", "data.batch_size=8",
                                                                  "views.preset=imagenet"])
@@ -65,7 +65,7 @@ def test_jpeg_folder_is_real_images_the_folder_dataset_reads(tmp_path, monkeypat
 
 def test_step_flops_grow_with_the_batch_and_match_a_plain_count(fmnist_small, tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import Trainer
     flops = {}
     for b in (16, 32):

@@ -12,7 +12,7 @@ from PIL import Image
 
 import selfsight.data.folder as folder_mod
 from conftest import tiny_overrides
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.data import arraycache
 from selfsight.data.arraycache import build_cache, cached_folder, open_cache
 from selfsight.data.folder import ImageFolder

@@ -53,7 +53,7 @@ def test_export_keeps_the_backbone_evaluation_uses(tmp_path, fmnist_small, fmnis
     """DINO evaluates its EMA teacher: the export holds the teacher's weights, not the student's."""
     from conftest import normalized
     from selfsight.data import ArrayDataset
-    from selfsight.eval.features import load_run
+    from selfsight.runs import load_run
     over = tiny_overrides(**{"method.name": "dino", "train.steps": 2, "method.out_dim": 256, "method.hidden_dim": 64,
                              "method.bottleneck_dim": 32, "method.momentum": 0.5})
     selfsight.pretrain(selfsight.load_config(None, over), tmp_path / "dino", dataset=fmnist_small)

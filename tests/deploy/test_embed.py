@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from conftest import normalized, tiny_overrides
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.data import ArrayDataset
 from selfsight.engine.trainer import pretrain
-from selfsight.eval.features import load_run
+from selfsight.runs import load_run
 from selfsight.deploy import cosine_topk, embed, load_backbone, load_embeddings, neighbors
 
 N = 40

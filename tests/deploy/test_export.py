@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from conftest import normalized, tiny_overrides
 from selfsight import api
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.data import ArrayDataset
 from selfsight.engine.trainer import pretrain
-from selfsight.eval.features import load_run
+from selfsight.runs import load_run
 from selfsight.deploy import export, load_backbone, read_metadata, torchvision_model
 
 

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from conftest import normalized, tiny_overrides
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.data import ArrayDataset
 from selfsight.engine.trainer import pretrain
-from selfsight.eval.features import load_run
+from selfsight.runs import load_run
 from selfsight.deploy import export, export_backbone, load_backbone, read_metadata, timm_model
 from selfsight.deploy.backbone import metadata
 

@@ -76,7 +76,7 @@ def folder_of_images(root: Path, dataset, n: int = 256) -> Path:
 
 def trace(name: str, workdir: Path, dataset) -> dict:
     """Losses per step and the sha256 of the final model state of one reference run."""
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
     torch.set_num_threads(1)
     overrides = list(RUNS[name])

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from selfsight.config import load_config
-from selfsight.engine.checkpoint import safe_load
-from selfsight.engine.trainer import Trainer, build_method
+from selfsight.resolve import load_config
+from selfsight.files import safe_load
+from selfsight.engine.trainer import Trainer
+from selfsight.methods import build_method
 
 RUNS = {
     "simclr-resnet": {"method.name": "simclr"},

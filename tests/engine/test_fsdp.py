@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import run_on_gloo
-from selfsight.config import build_config, load_config
-from selfsight.engine.checkpoint import safe_load
+from selfsight.resolve import build_config, load_config
+from selfsight.files import safe_load
 from selfsight.engine.sharding import shard_units
-from selfsight.engine.trainer import Trainer, build_method
+from selfsight.engine.trainer import Trainer
+from selfsight.methods import build_method
 
 WORLD = 2
 STEPS = 12

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.engine.monitor import collapse_warning, embedding_stats, rankme
 from selfsight.engine.trainer import pretrain
 

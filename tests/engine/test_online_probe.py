@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from selfsight.config import ConfigError, load_config
+from selfsight.config import ConfigError
+from selfsight.resolve import load_config
 from selfsight.engine.trainer import Trainer, pretrain
 from selfsight.eval.online_probe import OnlineProbe, num_classes_of
 

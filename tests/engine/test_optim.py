@@ -120,7 +120,7 @@ def test_lars_matches_the_formula_over_steps_and_a_skipped_step_moves_nothing():
 def test_weight_decay_reaches_norms_and_biases_where_the_official_code_puts_it(method, recipe, decays_all):
     """SimSiam's and MoCo v1/v2's official SGD take model.parameters() whole (decay on BN and biases);
     SimCLR's and BYOL's LARS exclude them. The tuned Fashion-MNIST recipes keep what they were measured with."""
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.optim import param_groups
     cfg = load_config([recipe] if recipe else None, overrides=[f"method.name={method}"])
     assert cfg.optim.decay_all is decays_all

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import run_on_gloo, tiny_overrides
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.engine.trainer import STOP_SYNC_EVERY, Trainer
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.engine.trainer import Trainer
 
 READS = ("__bool__", "item", "tolist", "__float__", "__int__")

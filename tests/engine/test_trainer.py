@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.engine.optim import LARS, param_groups
-from selfsight.engine.schedules import cosine, scaled_lr
+from selfsight.schedules import cosine, scaled_lr
 from selfsight.engine.trainer import Trainer, TrainingError, pretrain
 
 

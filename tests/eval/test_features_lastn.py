@@ -62,7 +62,7 @@ def test_parse_features_and_resnets_refuse_last_n():
 
 
 def test_cli_features_option(tmp_path, fmnist_small):
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
     run = tmp_path / "run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 1})), run, dataset=fmnist_small)

@@ -83,7 +83,7 @@ def test_rank_k_and_collapsed_embeddings():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, fmnist_small):
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
     out = tmp_path_factory.mktemp("health") / "run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 2})), out, dataset=fmnist_small)

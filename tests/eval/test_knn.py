@@ -36,7 +36,7 @@ def test_pixels_of_real_images_classify_well(fmnist, fmnist_test):
 
 
 def test_unlabeled_data_is_a_clear_error(tmp_path, fmnist_small, monkeypatch):
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.data import ArrayDataset
     from selfsight.engine.trainer import pretrain
     from selfsight.eval import labels, run_knn

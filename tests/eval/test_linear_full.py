@@ -13,7 +13,7 @@ from selfsight.data import ArrayDataset
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, fmnist_small):
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
     out = tmp_path_factory.mktemp("full") / "run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 2})), out, dataset=fmnist_small)
@@ -21,7 +21,8 @@ def tiny_run(tmp_path_factory, fmnist_small):
 
 
 def test_beats_chance_and_leaves_the_backbone_unchanged(tiny_run, fmnist_small, fmnist_test):
-    from selfsight.eval.features import backbone_features, load_run
+    from selfsight.eval.features import backbone_features
+    from selfsight.runs import load_run
     from selfsight.eval.linear_full import linear_probe_full
     model, _, pre = load_run(tiny_run, "cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}

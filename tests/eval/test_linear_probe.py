@@ -43,7 +43,7 @@ def test_the_sweep_never_sees_the_test_split(pixels):
 @pytest.mark.slow
 def test_cli_linear_probe_on_a_run_and_the_pixel_baseline(tmp_path, fmnist_small):
     from conftest import tiny_overrides
-    from selfsight.config import load_config
+    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
     out = tmp_path / "run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 2})), out, dataset=fmnist_small)

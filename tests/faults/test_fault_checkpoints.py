@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from selfsight.config import load_config
-from selfsight.engine import checkpoint as ckpt
-from selfsight.engine.checkpoint import CheckpointError, atomic_save, load_model_state, safe_load
+from selfsight.resolve import load_config
+from selfsight import files as ckpt
+from selfsight.files import CheckpointError, atomic_save, load_model_state, safe_load
 from selfsight.engine.trainer import Trainer, TrainingError, pretrain
 
 ROOT = Path(__file__).resolve().parents[2] / "selfsight"
@@ -83,7 +83,7 @@ def test_unwritable_output_is_one_cli_line(tmp_path, capsys):
 
 
 def test_code_payload_is_refused_everywhere_and_never_runs(tmp_path, fmnist_small, trained):
-    from selfsight.eval.features import load_run
+    from selfsight.runs import load_run
     from selfsight.targets.features import load_teacher
     from selfsight.targets.tokens import load_tokenizer
     marker = tmp_path / "payload-ran"

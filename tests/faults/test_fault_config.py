@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from conftest import tiny_overrides
 from selfsight.cli import main
-from selfsight.config import ConfigError, RunConfig, load_config
+from selfsight.config import ConfigError, RunConfig
+from selfsight.resolve import load_config
 from selfsight.methods import METHODS
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in ("method", "out")}

@@ -16,7 +16,7 @@ from PIL import Image
 
 import selfsight.data.folder as folder_mod
 from conftest import tiny_overrides
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.data.folder import ImageFolder
 from selfsight.data.images import IMAGE_EXTENSIONS
 from selfsight.engine.trainer import pretrain

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from selfsight.engine.checkpoint import safe_load
+from selfsight.files import safe_load
 
 
 EXTRA = {"mocov2": {"method.queue_size": 64}, "dino": {"method.out_dim": 256, "method.hidden_dim": 64,

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from selfsight.config import ConfigError, load_config
-from selfsight.engine.checkpoint import safe_load
+from selfsight.config import ConfigError
+from selfsight.resolve import load_config
+from selfsight.files import safe_load
 from selfsight.engine.trainer import Trainer, TrainingError
 
 

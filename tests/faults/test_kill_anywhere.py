@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from selfsight.engine.checkpoint import safe_load
+from selfsight.files import safe_load
 
 STEPS, EVERY = 64, 4
 WRITE_DELAY = 0.25         # SELFSIGHT_TEST_CHECKPOINT_DELAY: the window between fsync and os.replace

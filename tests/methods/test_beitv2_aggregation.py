@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.config import load_config
-from selfsight.engine.trainer import build_method
+from selfsight.resolve import load_config
+from selfsight.methods import build_method
 from selfsight.methods.mim import MIM, MIMParams
 from selfsight.targets import patchify
 
@@ -103,7 +103,8 @@ def test_the_branch_runs_in_training_and_is_refused_where_it_cannot_work(fmnist_
 def test_a_run_saved_before_the_branch_existed_loads_without_it(tmp_path):
     """A checkpoint's config is fully resolved: keys added later take their plain default (off),
     not the preset's value, so a BEiT v2 run of a 6-block ViT saved before this key still loads."""
-    from selfsight.config import build_config, to_dict
+    from selfsight.config import to_dict
+    from selfsight.resolve import build_config
     cfg = load_config(None, ["method.name=beitv2", "backbone.name=vit_tiny", "backbone.depth=6", "backbone.patch_size=4",
                              "views.size=28", "method.target.kind=pixels", "method.target.norm=none",
                              "method.loss=l2", "method.head.aggregation_layer=0"])

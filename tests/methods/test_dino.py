@@ -10,7 +10,7 @@ from conftest import tiny_overrides
 from selfsight.augment import BatchedViews, ViewRecipe
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.engine.monitor import collapse_warning
 from selfsight.engine.trainer import pretrain
 from selfsight.losses.dino import dino_loss, teacher_probs
@@ -112,6 +112,7 @@ def test_last_layer_is_frozen_during_the_first_epoch_only(tmp_path, fmnist_small
 
 
 def test_monitor_reports_uniform_and_one_hot_collapse_and_stays_quiet_when_healthy():
+    from selfsight.losses.dino import dino_monitor
     m = DINO(DINOParams(**SMALL), resnet())
     b, k = 32, SMALL["out_dim"]
     uniform = torch.full((2 * b, k), 1.0 / k)
@@ -121,7 +122,7 @@ def test_monitor_reports_uniform_and_one_hot_collapse_and_stays_quiet_when_healt
     rows = {}
     for name, t_p in (("uniform", uniform), ("one_hot", one_hot), ("healthy", healthy)):
         student = tuple((t_p.clamp_min(1e-9).log() * 0.1).chunk(2))          # a student that agrees
-        rows[name] = {k_: float(v) for k_, v in m._monitor(t_p, student).items()}
+        rows[name] = {k_: float(v) for k_, v in dino_monitor(t_p, student, m.params.student_temp).items()}
     assert rows["uniform"]["dino_entropy_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert rows["one_hot"]["dino_batch_entropy_ratio"] == pytest.approx(0.0, abs=1e-4)
     assert "uniform" in collapse_warning(rows["uniform"])

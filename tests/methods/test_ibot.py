@@ -2,6 +2,7 @@
 class-token term = DINO's loss, the two centers, block masks on the global crops only, the
 teacher (intact global crops, no drop-path, EMA, used for evaluation), the temperature
 warm-ups, the recipes, and a short training run that resumes exactly."""
+import dataclasses
 import json
 import math
 import signal
@@ -12,9 +13,9 @@ import torch
 from selfsight.augment import BatchedViews, ViewRecipe
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.engine.trainer import Trainer, pretrain
-from selfsight.eval.features import load_run
+from selfsight.runs import load_run
 from selfsight.losses.dino import dino_loss, teacher_probs
 from selfsight.losses.ibot import ibot_patch_loss
 from selfsight.methods.ibot import IBOT, IBOTParams
@@ -209,13 +210,13 @@ def test_short_training_on_real_images_resumes_exactly(tmp_path, fmnist_small):
     cfg = load_config(None, overrides)
     pretrain(cfg, tmp_path / "ref", dataset=fmnist_small)
     trainer = Trainer(cfg, tmp_path / "run", dataset=fmnist_small)        # stopped after 2 steps, as by SIGTERM
-    step = trainer.model.after_step
+    step = trainer.hooks.after_step
 
     def stop_after_two(sched):
         step(sched)
         if sched["step"] == 1:
             trainer._stop_signal = signal.SIGTERM
-    trainer.model.after_step = stop_after_two
+    trainer.hooks = dataclasses.replace(trainer.hooks, after_step=stop_after_two)    # the engine calls its hooks
     assert trainer.fit()["steps"] == 2
     pretrain(cfg, tmp_path / "run", resume=True, dataset=fmnist_small)
 

@@ -9,9 +9,11 @@ import torch.nn as nn
 
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.config import ConfigError, load_config
-from selfsight.engine.trainer import build_method, pretrain
-from selfsight.eval.features import load_run
+from selfsight.config import ConfigError
+from selfsight.resolve import load_config
+from selfsight.engine.trainer import pretrain
+from selfsight.methods import build_method
+from selfsight.runs import load_run
 from selfsight.methods.mim import MIM, MIMParams
 from selfsight.targets import TOKENIZERS, load_tokenizer, save_tokenizer
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import HostWaits, tiny_overrides
-from selfsight.config import load_config
-from selfsight.engine.trainer import build_method
+from selfsight.resolve import load_config
+from selfsight.methods import build_method
 from selfsight.masking.generators import MaskGenerator
 from selfsight.masking.views import ViewMasker
 

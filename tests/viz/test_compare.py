@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from selfsight.cli import main
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.engine.trainer import pretrain
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsight.config import load_config
+from selfsight.resolve import load_config
 from selfsight.data import ArrayDataset
 from selfsight.engine.trainer import pretrain
 from selfsight.report import save_eval, write_report
@@ -31,7 +31,8 @@ def report(tmp_path_factory, fmnist_small, fmnist_test):
     """A tiny trained run with its pictures, a real kNN result, health metrics measured here, and
     one result whose text tries to inject markup; -> (run folder, report path)."""
     from conftest import tiny_overrides
-    from selfsight.eval.features import backbone_features, extract, load_run
+    from selfsight.eval.features import backbone_features, extract
+    from selfsight.runs import load_run
     from selfsight.eval.knn import knn_accuracy
     run = tmp_path_factory.mktemp("report") / "simclr-run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 4, "train.log_every": 1})), run, dataset=fmnist_small)

@@ -1,4 +1,5 @@
-"""Per-step schedules (``dino:utils.cosine_scheduler``, methods.md §0.2)."""
+"""Per-step schedule shapes, pure arithmetic used by the engine and by methods (``dino:utils.cosine_scheduler``,
+methods.md §0.2). The engine owns the schedules: it evaluates these per step and passes the values in ``sched``."""
 from __future__ import annotations
 
 import math
