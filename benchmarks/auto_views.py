@@ -39,8 +39,8 @@ def make_folder(root: Path, n: int, size: int = 40) -> Path:
 
 
 def seconds_per_step(folder: Path, out: Path, extra: list[str], steps: int, batch: int) -> tuple[float, int]:
-    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
+    from selfsight.resolve import load_config
     cfg = load_config(None, [f"data.train={folder}", f"data.batch_size={batch}", f"train.steps={steps}",
                              "train.log_every=1", "train.progress=false", "train.tensorboard=false",
                              "data.workers=2", *extra])

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from selfsight.resolve import load_config
 from selfsight.data import build_dataset
 from selfsight.engine.trainer import Trainer
+from selfsight.resolve import load_config
 
 
 def steps_per_s(compile_: bool, args, dataset, out) -> dict:

@@ -55,8 +55,8 @@ def make_folder(root: Path, n: int) -> None:
 
 
 def run(name: str, data: str, out: Path, args, extra: dict) -> dict:
-    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
+    from selfsight.resolve import load_config
     over = {"method.name": "simclr", "backbone.name": "resnet18", "data.train": data, "views.size": args.size,
             "views.preset": "imagenet", "data.batch_size": args.batch, "data.workers": args.workers,
             "train.steps": args.steps, "train.log_every": max(1, args.steps // 2), "train.progress": False,

@@ -220,8 +220,9 @@ class _HostSyncs:
 
     def __init__(self, tr, start: int):
         self.in_log, self.on, self.sites, self.log_syncs = False, False, {}, 0
-        for name in ("_flush_window", "_read_counters", "save", "write_pictures"):
+        for name in ("_read_counters", "save", "write_pictures"):
             setattr(tr, name, self._marking(getattr(tr, name)))
+        tr.log.flush = self._marking(tr.log.flush)          # the metric rows read the loss on purpose
         real_step = tr._step
 
         def step(batch, sched, window):
@@ -260,8 +261,9 @@ class _HostSyncs:
 
 def run_recipe(args, name: str) -> dict:
     import torch
-    from selfsight.resolve import load_config
+
     from selfsight.engine.trainer import Trainer
+    from selfsight.resolve import load_config
     r = RECIPES[name]
     batch = args.batch or (16 if args.tiny else r.batch)
     over = (r.tiny if args.tiny else r.overrides) + [

@@ -23,6 +23,7 @@ from gpu_throughput import RECIPES, make_jpeg_folder  # noqa: E402
 
 def images_per_s(cfg, workers: int, batches: int) -> float:
     import torch
+
     from selfsight.augment import resolve_recipe
     from selfsight.data import build_dataset
     from selfsight.data.loader import ViewLoader

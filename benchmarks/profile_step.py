@@ -47,8 +47,9 @@ def time_steps(step, warmup: int, steps: int, device) -> float:
 def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from selfsight.resolve import load_config
+
     from selfsight.engine.trainer import Trainer
+    from selfsight.resolve import load_config
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="dino_vits16", choices=list(RECIPES))
     ap.add_argument("--data", default="", help="a folder of images (default: 512 JPEGs made from skimage photos)")
@@ -81,7 +82,7 @@ def main() -> None:
     if tr.channels_last:
         batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
     sched = tr.schedule(0)
-    window = tr.new_window()
+    window = tr.log.window()
 
     def step() -> None:
         tr._step(batch, sched, window)
@@ -141,6 +142,7 @@ def compiled_step(tr, step, eager_ms: float, steps: int, dev) -> None:
     """Compile the trainer's networks in place (``train.compile``), then time the compiling step and
     the compiled step against the eager one; a failure prints its whole traceback."""
     import traceback
+
     from selfsight.engine.compile import compile_model
     names = compile_model(tr.model)
     _sync(dev)

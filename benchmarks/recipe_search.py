@@ -21,7 +21,7 @@ ONE = r"""
 import json, sys, logging
 from selfsight.resolve import load_config
 from selfsight.engine.trainer import pretrain
-from selfsight.eval.run_knn import evaluate_knn
+from selfsight.eval.knn import evaluate_knn
 name, out, over, base = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 cfg = load_config(base.get("files", []), overrides=base.get("overrides", []) + over)
 r = pretrain(cfg, out)

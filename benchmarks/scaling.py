@@ -97,9 +97,10 @@ def reset_peak_rss() -> None:
 def run_one(args, overrides: list[str]) -> dict:
     import torch
     from gpu_throughput import step_flops
-    from selfsight.resolve import load_config
+
     from selfsight.data import ArrayDataset, build_dataset
     from selfsight.engine.trainer import Trainer
+    from selfsight.resolve import load_config
     total = args.warmup + args.steps
     cfg = load_config(overrides=overrides + [
         f"train.steps={total}", "train.log_every=1", "train.progress=false", "train.tensorboard=false",

@@ -130,6 +130,7 @@ def knn_top1(backbone, device: str, bank: int) -> float:
     ``selfsight.eval.features.extract``: RGB, 28 -> 32 px bilinear, ImageNet normalisation (what the
     views are normalised with on both sides), bf16 autocast."""
     import torch
+
     from selfsight.data import ArrayDataset, build_dataset
     from selfsight.eval.features import extract
     from selfsight.eval.knn import knn_accuracy
@@ -384,8 +385,8 @@ for _key, _b in BENCHES.items():
 # ------------------------------------------------------------------------------------ the runners
 
 def run_selfsight(args, method: str, extra: list[str]) -> dict:
-    from selfsight.resolve import load_config
     from selfsight.engine.trainer import Trainer
+    from selfsight.resolve import load_config
     steps = args.warmup + args.steps * (2 if args.ceiling else 1)
     over = BENCHES[method].base + BENCHES[method].overrides + [
             "views.size=32", "views.blur_p=0", f"data.batch_size={args.batch}",

@@ -7,7 +7,7 @@ _API = ("pretrain", "evaluate", "export", "load_backbone", "embed", "neighbors",
 
 def __getattr__(name: str):
     if name in _API:
-        from selfsight import api
+        from selfsight import api  # lazy: keeps import selfsight free of torch
         return getattr(api, name)
     raise AttributeError(f"module 'selfsight' has no attribute {name!r}")
 

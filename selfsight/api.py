@@ -17,7 +17,7 @@ __all__ = ["pretrain", "evaluate", "export", "load_backbone", "embed", "neighbor
 def load_config(config=None, overrides=None):
     """A run config: ``config`` is None (defaults), a YAML file or a bundled recipe name
     (``"simclr_fashion_mnist"``); ``overrides``: ``["key=value", ...]`` or ``{"dotted.key": value}``."""
-    from selfsight.resolve import load_config as _load
+    from selfsight.resolve import load_config as _load  # lazy: keeps import selfsight free of torch
     return _load([str(config)] if config is not None else [], _tree(overrides))
 
 
@@ -29,9 +29,9 @@ def pretrain(config=None, out: str | Path = "runs/run", *, overrides=None, resum
     ``overrides`` apply on top (a budget such as ``train.minutes=5`` is required somewhere).
     ``dataset``: any data source instead of ``data.train``; ``backbone``: any ``nn.Module``.
     """
-    from selfsight.config import RunConfig, merge, to_dict
-    from selfsight.resolve import build_config
+    from selfsight.config import RunConfig, merge, to_dict  # lazy: keeps import selfsight free of torch
     from selfsight.engine.trainer import pretrain as _pretrain
+    from selfsight.resolve import build_config
     if isinstance(config, RunConfig):
         if overrides:
             config = build_config(merge(to_dict(config), _tree(overrides)))
@@ -42,7 +42,7 @@ def pretrain(config=None, out: str | Path = "runs/run", *, overrides=None, resum
 
 def _tree(overrides) -> dict:
     """``["a.b=1"]`` or ``{"a.b": 1}`` -> the nested dict the config merges."""
-    from selfsight.config import parse_overrides, set_dotted
+    from selfsight.config import parse_overrides, set_dotted  # lazy: keeps import selfsight free of torch
     if not overrides:
         return {}
     if not isinstance(overrides, dict):
@@ -61,7 +61,8 @@ def evaluate(run: str | Path, train: str = "fashion-mnist", test: str = "fashion
     ``baseline="pixels"|"random"`` evaluates a baseline instead. ``"health"`` gives the label-free
     metrics of the backbone on ``train`` (RankMe, alignment, uniformity; ``test`` is unused).
     Returns top1/top5 (or the metrics) and details."""
-    from selfsight.eval.run_knn import evaluate_knn, evaluate_linear
+    from selfsight.eval.knn import evaluate_knn  # lazy: keeps import selfsight free of torch
+    from selfsight.eval.linear import evaluate_linear
     if protocol == "knn":
         return evaluate_knn(str(run), train, test, **options)
     if protocol == "linear":

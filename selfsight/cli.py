@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from selfsight import __version__
+from selfsight.config import FEATURES_HELP, parse_features, recipes_dir
 
 
 def _setup_logging() -> None:
@@ -26,7 +27,6 @@ def _setup_logging() -> None:
 
 def default_recipe(method: str | None, data: str | None) -> str | None:
     """The bundled recipe for a method and built-in data set, e.g. ``simclr_fashion_mnist``."""
-    from selfsight.config import recipes_dir
     if not method or not data:
         return None
     name = f"{method}_{data.partition(':')[0].replace('-', '_')}"
@@ -81,7 +81,7 @@ def _run_config(args, flags: dict, recipe: str | None):
     """The run's config: its saved config when resuming, else --config or the bundled ``recipe``,
     then the CLI flags and key=value overrides. A budget given with --resume replaces the saved
     one (steps, epochs and minutes together): the run then trains to the new budget."""
-    from selfsight.resolve import load_config
+    from selfsight.resolve import load_config  # lazy: keeps selfsight --help free of torch
     _check_resume(args)
     files = []
     saved = Path(args.out) / "config.yaml"
@@ -108,7 +108,7 @@ def _exit_code(result: dict) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from selfsight.engine.trainer import pretrain
+    from selfsight.engine.trainer import pretrain  # lazy: keeps selfsight --help free of torch
     flags: dict = {}
     if args.method:
         flags.setdefault("method", {})["name"] = args.method
@@ -123,7 +123,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_tokenizer_train(args) -> int:
     """Train a dVAE, VQ-VAE or VQ-KD tokenizer; writes RUN/tokenizer.pt (docs/tokenizers.md)."""
-    from selfsight.engine.trainer import pretrain
+    from selfsight.engine.trainer import pretrain  # lazy: keeps selfsight --help free of torch
     method = {"name": "tokenizer", "kind": "dvae" if args.kind == "dvae" else "vq",
               "target": "teacher" if args.kind == "vqkd" else "pixels"}
     if args.teacher:
@@ -144,19 +144,19 @@ def _finish_eval(args, res: dict, line: str) -> int:
     """Print an evaluation's result (one JSON object with --json, else ``line``); --save also keeps
     it as RUN/eval/PROTOCOL[_BASELINE].json for `selfsight report`/`compare`."""
     if getattr(args, "save", False):
-        from selfsight.report import save_eval
+        from selfsight.report import save_eval  # lazy: keeps selfsight --help free of torch
         save_eval(args.run, args.protocol, res)
     print(json.dumps(res) if args.json else line)
     return 0
 
 
 def _classes(res: dict) -> str:
-    from selfsight.eval.labels import describe_classes
+    from selfsight.eval.labels import describe_classes  # lazy: keeps selfsight --help free of torch
     return f"\n  scored on {describe_classes(res)}"
 
 
 def cmd_eval_knn(args) -> int:
-    from selfsight.eval.run_knn import evaluate_knn
+    from selfsight.eval.knn import evaluate_knn  # lazy: keeps selfsight --help free of torch
     res = evaluate_knn(args.run, args.train, args.test, args.k, args.temperature, args.baseline,
                        device=args.device, data_root=args.data_root, features=args.features,
                        unknown_classes=args.unknown_classes)
@@ -166,7 +166,7 @@ def cmd_eval_knn(args) -> int:
 
 
 def cmd_eval_linear(args) -> int:
-    from selfsight.eval.run_knn import evaluate_linear
+    from selfsight.eval.linear import evaluate_linear  # lazy: keeps selfsight --help free of torch
     if args.full:                       # frozen backbone, augmented images every epoch, SGD + cosine
         from selfsight.eval.linear_full import evaluate_linear_full
         res = evaluate_linear_full(args.run, args.train, args.test, args.baseline, device=args.device,
@@ -186,7 +186,7 @@ def cmd_eval_linear(args) -> int:
 
 
 def cmd_eval_finetune(args) -> int:
-    from selfsight.eval.finetune import finetune
+    from selfsight.eval.finetune import finetune  # lazy: keeps selfsight --help free of torch
     res = finetune(args.run, args.train, args.test, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    layer_decay=args.layer_decay, label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
                    warmup_epochs=args.warmup_epochs, drop_path=args.drop_path, features=args.features,
@@ -200,7 +200,7 @@ def cmd_eval_finetune(args) -> int:
 
 
 def cmd_eval_health(args) -> int:
-    from selfsight.eval.health import evaluate_health
+    from selfsight.eval.health import evaluate_health  # lazy: keeps selfsight --help free of torch
     res = evaluate_health(args.run, args.data, n_images=args.images, baseline=args.baseline, device=args.device,
                           features=args.features, data_root=args.data_root)
     line = (f"health of {res['model']} {res['method']}/{res['backbone']} ({res['features']}, {res['feature_dim']}-d) "
@@ -212,7 +212,7 @@ def cmd_eval_health(args) -> int:
 
 def cmd_pictures(args) -> int:
     """Embedding maps, retrieval grid, ViT attention, the method's own pictures, curves (docs/usage.md)."""
-    from selfsight.viz.pictures import write_pictures
+    from selfsight.viz.pictures import write_pictures  # lazy: keeps selfsight --help free of torch
     written = write_pictures(args.run, args.data, args.out, n=args.images, maps=tuple(args.map or ["pca"]),
                              features=args.features, device=args.device or "cpu", data_root=args.data_root)
     for name, path in written.items():
@@ -221,13 +221,13 @@ def cmd_pictures(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from selfsight.report import write_report
+    from selfsight.report import write_report  # lazy: keeps selfsight --help free of torch
     print(write_report(args.run, args.out))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from selfsight.report import compare_rows, compare_table
+    from selfsight.report import compare_rows, compare_table  # lazy: keeps selfsight --help free of torch
     rows = compare_rows(args.runs)
     print(json.dumps(rows) if args.json else compare_table(rows))
     return 0
@@ -235,7 +235,7 @@ def cmd_compare(args) -> int:
 
 def cmd_export(args) -> int:
     """The evaluation backbone alone: safetensors / torchvision / timm / ONNX (docs/api.md)."""
-    from selfsight.deploy import export
+    from selfsight.deploy import export  # lazy: keeps selfsight --help free of torch
     meta = export(args.run, args.out, args.format)
     if args.json:
         print(json.dumps({"out": args.out, **{k: v for k, v in meta.items() if k != "config"}}))
@@ -264,7 +264,7 @@ def _load_hint(meta: dict, fmt: str, out: str) -> str:
 
 def cmd_embed(args) -> int:
     """Embeddings of every image in a folder (resumable: run the same command again after a stop)."""
-    from selfsight.deploy import embed
+    from selfsight.deploy import embed  # lazy: keeps selfsight --help free of torch
     res = embed(args.model, args.folder, args.out, batch_size=args.batch_size, workers=args.workers,
                 device=args.device, shard_size=args.shard_size, progress=not args.json)
     if args.json:
@@ -276,7 +276,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_neighbors(args) -> int:
-    from selfsight.deploy import neighbors
+    from selfsight.deploy import neighbors  # lazy: keeps selfsight --help free of torch
     rows = neighbors(args.embeddings, args.query, args.k, args.picture, args.model, args.backend)
     if args.json:
         print(json.dumps(rows))
@@ -296,7 +296,7 @@ def cmd_neighbors(args) -> int:
 
 
 def cmd_shards_make(args) -> int:
-    from selfsight.data import build_dataset
+    from selfsight.data import build_dataset  # lazy: keeps selfsight --help free of torch
     from selfsight.data.shards import write_shards
     if args.shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
@@ -306,8 +306,7 @@ def cmd_shards_make(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from selfsight.backbones import BACKBONES
-    from selfsight.config import recipes_dir
+    from selfsight.backbones import BACKBONES  # lazy: keeps selfsight --help free of torch
     from selfsight.methods import METHODS
     print("methods:")
     for name in METHODS.names():
@@ -319,10 +318,9 @@ def cmd_methods(args) -> int:
 
 def cmd_demo(args) -> int:
     """The README's main job: SimCLR on Fashion-MNIST, then kNN beside the two baselines."""
-    from selfsight.config import recipes_dir
+    from selfsight.engine.trainer import pretrain  # lazy: keeps selfsight --help free of torch
+    from selfsight.eval.knn import evaluate_knn
     from selfsight.resolve import load_config
-    from selfsight.engine.trainer import pretrain
-    from selfsight.eval.run_knn import evaluate_knn
     out = Path(args.out)
     resume = (out / "checkpoint.pt").exists()
     overrides = [f"train.minutes={args.minutes}"] + args.overrides
@@ -387,7 +385,6 @@ def _eval_options(p: argparse.ArgumentParser, train_help: str) -> None:
 
 
 def _features_arg(value: str) -> str:
-    from selfsight.eval.feature_choice import parse_features
     try:
         parse_features(value)
     except ValueError as e:
@@ -396,7 +393,6 @@ def _features_arg(value: str) -> str:
 
 
 def _features_option(p: argparse.ArgumentParser) -> None:
-    from selfsight.eval.feature_choice import FEATURES_HELP
     p.add_argument("--features", default="cls", type=_features_arg, metavar="{cls,mean,cls+mean,lastN,lastN+mean}",
                    help=f"{FEATURES_HELP} (default cls)")
 

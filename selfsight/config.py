@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -59,6 +60,34 @@ def _cache_choice(value: Any) -> str | None:
 def _jitter_values(value: tuple) -> str | None:
     ok = len(value) in (0, 4) and all(_number(v) and v >= 0 for v in value)
     return None if ok else "must be [] or [brightness, contrast, saturation, hue] (numbers >= 0)"
+
+
+# ---- the --features choice of the evaluations (eval.online_probe_features too) --------------------
+FEATURES = ("cls", "mean", "cls+mean")
+_LAST = re.compile(r"last(\d+)(\+mean)?")
+FEATURES_HELP = ("cls (a ViT's class token, a ConvNet's pooled map), mean (mean of the patch tokens), cls+mean, "
+                 "lastN (ViTs: class tokens of the last N blocks, e.g. last4, as DINO's linear probe) or "
+                 "lastN+mean (plus the mean patch token of the last block)")
+
+
+def parse_features(features: str) -> tuple[str, int, bool]:
+    """``cls`` | ``mean`` | ``cls+mean`` | ``lastN`` | ``lastN+mean`` -> (kind, n, with_mean);
+    kind is the name itself, or ``last`` for the last-N-blocks choices."""
+    if features in FEATURES:
+        return features, 1, False
+    m = _LAST.fullmatch(features)
+    if m and int(m.group(1)) >= 1:
+        return "last", int(m.group(1)), m.group(2) is not None
+    raise ValueError(f"features must be one of {', '.join(FEATURES)}, lastN or lastN+mean (N >= 1, e.g. last4), "
+                     f"got {features!r}")
+
+
+def _features_choice(value: str) -> str | None:
+    try:
+        parse_features(value)
+    except ValueError as e:
+        return str(e).split(', got')[0].replace('features must', 'must')
+    return None
 
 
 @dataclass
@@ -162,7 +191,7 @@ class EvalConfig:
     test: str = ""                     # test split used by `selfsight demo`; "" = the train set's test split
     online_probe: bool = False         # train a linear probe on detached features during pretraining (needs labels)
     online_probe_lr: float = setting(1e-3, above=0)     # its own Adam learning rate
-    online_probe_features: str = "cls" # cls | mean | cls+mean | lastN[+mean] (as eval --features)
+    online_probe_features: str = setting("cls", check=_features_choice)  # cls | mean | cls+mean | lastN[+mean] (as eval --features)
 
 
 @dataclass

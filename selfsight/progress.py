@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 PERIOD = 10.0          # seconds between progress lines when stderr is not a terminal
 log = logging.getLogger("selfsight")
 
@@ -32,7 +34,6 @@ class Progress:
         self.enabled = enabled and os.environ.get("SELFSIGHT_PROGRESS", "1") != "0"
         self.bar = None
         if self.enabled and sys.stderr.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit[:3], dynamic_ncols=True, leave=False)
         self.t0 = self.last = time.perf_counter()
 

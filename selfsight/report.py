@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from selfsight.files import safe_load
 from selfsight.viz.pictures import curves, read_metrics
 
 EVAL_DIR = "eval"
@@ -111,7 +112,6 @@ def run_summary(run: str | Path) -> dict:
         last = rows[-1]
         steps, epochs, minutes = last.get("step"), last.get("epoch"), last.get("elapsed_min")
     elif (d / "checkpoint.pt").exists():
-        from selfsight.files import safe_load
         ck = safe_load(d / "checkpoint.pt")
         steps, minutes = ck.get("step"), ck.get("elapsed", 0) / 60
         cfg = cfg or ck.get("config", {})

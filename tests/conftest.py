@@ -65,10 +65,11 @@ def tiny_overrides(**extra) -> list[str]:
 def small_knn(run, bank_set, test_set, n_test: int = 1000) -> dict:
     """kNN top-1 (k 20, T 0.07) on the first ``n_test`` test images with ``bank_set`` as the bank,
     for the run's trained backbone and for the same backbone at random init."""
+    from selfsight.backbones.features import backbone_features
     from selfsight.data import ArrayDataset
-    from selfsight.eval.features import backbone_features, extract
-    from selfsight.runs import load_run
+    from selfsight.eval.features import extract
     from selfsight.eval.knn import knn_accuracy
+    from selfsight.runs import load_run
     test = ArrayDataset(test_set.images[:n_test].clone(), test_set.labels[:n_test].clone())
     acc = {}
     for name, random_init in (("random", True), ("trained", False)):
@@ -98,6 +99,7 @@ def run_on_gloo(fn, tmp_path, *args, world: int = 2, writes=()):
     ``writes``: folders outside ``tmp_path`` that ``fn`` changes (run folders): a retry finds them as
     they were before the first try."""
     import shutil
+
     import torch.multiprocessing as mp
     snapshots = []                        # (folder, its copy, or None where it did not exist yet)
     for i, folder in enumerate(map(Path, writes)):

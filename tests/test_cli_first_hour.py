@@ -3,7 +3,6 @@ matched by name, strict --resume and a new budget on resume, the view size chose
 export file names, settings anywhere on the line, clear errors, exit codes, help and progress."""
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -12,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 from PIL import Image
 
-from conftest import tiny_overrides
 from selfsight.cli import main
 
 PY = [sys.executable, "-m", "selfsight"]
@@ -38,8 +37,8 @@ def tiny(**extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, fmnist_small):
-    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
+    from selfsight.resolve import load_config
     run = tmp_path_factory.mktemp("first-hour") / "run"
     pretrain(load_config(None, tiny(**{"train.steps": 3})), run, dataset=fmnist_small)
     return run
@@ -86,7 +85,8 @@ def test_a_shuffled_class_order_scores_as_the_aligned_one(trained, fmnist, fmnis
     from selfsight.data import ArrayDataset
     from selfsight.data.builtin import FASHION_CLASSES
     from selfsight.eval.finetune import finetune
-    from selfsight.eval.run_knn import evaluate_knn, evaluate_linear
+    from selfsight.eval.knn import evaluate_knn
+    from selfsight.eval.linear import evaluate_linear
     train = ArrayDataset(fmnist.images[:600].clone(), fmnist.labels[:600].clone(), "train", FASHION_CLASSES)
     test = ArrayDataset(fmnist_test.images[:300].clone(), fmnist_test.labels[:300].clone(), "test", FASHION_CLASSES)
     perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))          # new position of class c
@@ -119,8 +119,8 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
 
 
 def test_a_new_budget_given_with_resume_applies_and_config_yaml_records_it(tmp_path, capsys):
-    from selfsight.resolve import load_config
     from selfsight.engine.trainer import Trainer
+    from selfsight.resolve import load_config
     run = tmp_path / "run"                          # on fashion-mnist: the CLI rebuilds the same data
     trainer = Trainer(load_config(None, tiny(**{"train.steps": 150})), run)
     step = trainer._step
@@ -215,8 +215,8 @@ def test_onnx_export_says_how_to_run_it(trained, tmp_path, capsys):
 
 
 def test_files_follow_the_umask_like_any_new_file(trained, tmp_path):
-    from selfsight.files import new_file_mode
     from selfsight.deploy import export
+    from selfsight.files import new_file_mode
     export(trained, tmp_path / "a.safetensors")
     export(trained, tmp_path / "b.pt", "torchvision")
     for path in (trained / "checkpoint.pt", tmp_path / "a.safetensors", tmp_path / "b.pt", tmp_path / "b.pt.json"):
@@ -260,8 +260,8 @@ def test_a_folder_of_unreadable_files_is_one_line_and_leaves_no_run(tmp_path):
 
 
 def test_a_run_failing_before_its_first_step_leaves_no_folder(tmp_path, fmnist_small, monkeypatch):
-    from selfsight.resolve import load_config
     from selfsight.engine import trainer as tr
+    from selfsight.resolve import load_config
     monkeypatch.setattr(tr.Trainer, "_step", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         tr.pretrain(load_config(None, tiny(**{"train.steps": 2})), tmp_path / "run", dataset=fmnist_small)
@@ -281,6 +281,7 @@ def test_selfsight_alone_lists_the_commands_and_help_needs_no_torch(capsys):
 
 def test_every_option_has_help():
     import argparse
+
     from selfsight.cli import build_parser
 
     def walk(parser, path):
@@ -296,7 +297,8 @@ def test_every_option_has_help():
 
 def test_extraction_reports_progress_without_a_terminal(trained, fmnist_small, caplog, monkeypatch):
     from selfsight import progress
-    from selfsight.eval.features import backbone_features, extract
+    from selfsight.backbones.features import backbone_features
+    from selfsight.eval.features import extract
     from selfsight.runs import load_run
     monkeypatch.setattr(progress, "PERIOD", 0.0)          # a line every batch (stderr is no terminal here)
     model, _, pre = load_run(trained)

@@ -59,7 +59,7 @@ def test_yaml_on_off_reach_string_fields_as_on_off():
 def test_every_number_in_the_schema_declares_its_rule():
     """Bounds live on the fields (``config.setting``), never guessed from a field's name: every int
     and float of the run config and of each method's section says what it accepts."""
-    import typing
+
     from selfsight.config import RunConfig, ruled_fields
     from selfsight.methods import METHODS
     classes = [RunConfig] + [METHODS.get(n).params for n in METHODS.names()]

@@ -16,8 +16,7 @@ from torchvision.ops import roi_align
 
 from selfsight.augment.views import ViewRecipe
 from selfsight.nn.device import device_constant, to_device
-
-_GRAY = (0.299, 0.587, 0.114)   # ITU-R 601-2 luma, as PIL and torchvision
+from selfsight.nn.images import to_channels
 
 
 def sample_crop_boxes(n: int, height: int, width: int, scale: tuple, ratio: tuple,
@@ -71,10 +70,7 @@ def crop_rois(images: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tens
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 1:
-        return x
-    w = device_constant(_GRAY, x.device, x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    return to_channels(x, 1)                    # ITU-R 601-2 luma, as PIL and torchvision
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

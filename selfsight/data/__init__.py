@@ -5,6 +5,8 @@ from pathlib import Path
 
 from selfsight.data.arrays import ArrayDataset
 from selfsight.data.builtin import SPLITS, fashion_mnist, torchvision_set
+from selfsight.data.folder import ImageFolder
+from selfsight.data.shards import ShardDataset, is_shard_spec
 
 BUILTIN = sorted(SPLITS)
 
@@ -24,13 +26,11 @@ def build_dataset(spec: str, root: str = "", download: bool = True, shuffle_buff
         if name == "fashion-mnist":
             return fashion_mnist(split, root, download)
         return torchvision_set(name, split, root, download)
-    from selfsight.data.shards import ShardDataset, is_shard_spec
     if is_shard_spec(spec):                 # tar shards: "dir/shard-{000000..000099}.tar", a glob or a folder
         return ShardDataset(spec, shuffle_buffer=shuffle_buffer)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data {spec!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing folder")
-    from selfsight.data.folder import ImageFolder
     folder = ImageFolder(path)
     folder.first_readable()             # a folder of nothing but unreadable files: one clear line now
     return folder
@@ -52,6 +52,16 @@ def native_size(dataset, n: int = 64) -> tuple[int, str]:
     return int(mid), f"short side {spread} px, median {mid} px of {len(sizes)} images sampled"
 
 
+def num_classes_of(dataset) -> int:
+    """The number of classes of a data source, 0 when it has no labels."""
+    if hasattr(dataset, "labeled"):                      # ImageFolder
+        return len(dataset.classes) if dataset.labeled else 0
+    labels = getattr(dataset, "labels", None)
+    if labels is None or len(labels) == 0:
+        return 0
+    return int(labels.max()) + 1 if bool((labels >= 0).any()) else 0
+
+
 def held_out_split(spec: str) -> str | None:
     """The held-out split that goes with a built-in training split, if any."""
     name = spec.partition(":")[0]
@@ -60,4 +70,4 @@ def held_out_split(spec: str) -> str | None:
     return None
 
 
-__all__ = ["ArrayDataset", "build_dataset", "held_out_split", "native_size", "BUILTIN"]
+__all__ = ["ArrayDataset", "build_dataset", "held_out_split", "native_size", "num_classes_of", "BUILTIN"]

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -192,7 +193,6 @@ def maybe_cache(dataset, data_cfg, recipe, channels: int, progress: bool = True)
             log.info("data.cache=auto: not caching %s (%.1f GiB needed, %.1f GiB free)", dataset.root,
                      need / 2**30, free / 2**30)
             return dataset
-    import torch.distributed as dist
     distributed = dist.is_available() and dist.is_initialized()
     workers = data_cfg.workers if data_cfg.workers >= 0 else 2
     if distributed and dist.get_rank() != 0:

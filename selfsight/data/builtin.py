@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 from selfsight.data.arrays import ArrayDataset, read_idx
 
@@ -58,7 +59,6 @@ def fashion_mnist(split: str = "train", root: str = "", download: bool = True) -
     target = data_root(root)
     if download:
         try:
-            import torchvision
             torchvision.datasets.FashionMNIST(str(target), train=split == "train", download=True)
             found = _find_idx(target, prefix)
             if found:
@@ -75,7 +75,6 @@ def fashion_mnist(split: str = "train", root: str = "", download: bool = True) -
 
 def torchvision_set(name: str, split: str, root: str = "", download: bool = False) -> ArrayDataset:
     """CIFAR-10/100 (32x32 RGB) and STL-10 (96x96 RGB) from torchvision, held in memory."""
-    import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "stl10": torchvision.datasets.STL10}[name]
     target = data_root(root)

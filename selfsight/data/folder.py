@@ -1,6 +1,7 @@
 """ImageFolder: a cached, fault-tolerant index of a folder tree of images."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 from selfsight.data.images import IMAGE_EXTENSIONS, BrokenImageError, load_image, load_image_or_jpeg
@@ -69,6 +71,7 @@ class ImageFolder(Dataset):
         self.transform = transform
         self.follow_symlinks = follow_symlinks
         self.undecoded_jpegs = False    # data.decode=device: colour JPEGs come back as EncodedJPEG
+        self.channels = 3               # images are decoded as RGB (1: as PIL's luma "L"), see ``prepared``
         if not os.path.exists(self.root):
             raise ValueError(f"image folder {self.root} does not exist")
         if not os.path.isdir(self.root):
@@ -158,7 +161,6 @@ class ImageFolder(Dataset):
     def image_sizes(self, n: int = 64) -> list[tuple[int, int]]:
         """(width, height) of up to ``n`` images spread over the index, from their headers only (no
         decode; unreadable files are left out)."""
-        from PIL import Image
         picks = sorted({int(i) for i in np.linspace(0, len(self) - 1, min(n, len(self)))})
         sizes = []
         for i in picks:
@@ -185,13 +187,23 @@ class ImageFolder(Dataset):
         raise ValueError(f"no readable image in {self.root}: all {len(self)} image files failed to decode "
                          f"(e.g. {first_error})")
 
+    def prepared(self, transform=None, undecoded_jpegs: bool = False, channels: int | None = None) -> "ImageFolder":
+        """This folder as a loader wants it, leaving this object as it is: each decoded image goes
+        through ``transform``; colour JPEGs stay undecoded (``data.decode=device``); images are
+        decoded with ``channels`` channels (1: luma, for a run trained on gray images)."""
+        out = copy.copy(self)
+        out.transform, out.undecoded_jpegs = transform, undecoded_jpegs
+        out.channels = channels or self.channels
+        return out
+
     def read(self, i: int):
         """Decode image ``i`` (RGB PIL image); raises BrokenImageError or OSError, no skipping."""
         path = os.path.join(self.root, self._path(i))
         # a link that left the root after indexing (a reused cache, a changed link) is not read
         if not self.follow_symlinks and not _inside(os.path.realpath(path), self._real_root):
             raise BrokenImageError(path, "resolves outside the data root (follow_symlinks=False)")
-        return load_image_or_jpeg(path) if self.undecoded_jpegs else load_image(path)
+        image = load_image_or_jpeg(path) if self.undecoded_jpegs else load_image(path)
+        return image.convert("L") if self.channels == 1 and hasattr(image, "convert") else image
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -6,6 +6,7 @@ import os
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image
 
 __all__ = [
@@ -63,7 +64,6 @@ class EncodedJPEG:
     with its size read from the header: ``data`` (1-D uint8 tensor), ``width``, ``height``."""
 
     def __init__(self, data: bytes, width: int, height: int):
-        import torch
         self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         self.width, self.height = width, height
 

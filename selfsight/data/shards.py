@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -24,10 +25,13 @@ import tarfile
 import tempfile
 from typing import Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from selfsight.augment.crops import sample_seed
+from selfsight.data.crops import sample_seed
+from selfsight.data.folder import ImageFolder, default_cache_dir
 from selfsight.data.images import BrokenImageError, decode_image
 
 log = logging.getLogger("selfsight.data")
@@ -184,7 +188,6 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, spec: str, cache_dir: str | None = None, shuffle_buffer: int = 1000):
-        from selfsight.data.folder import default_cache_dir
         self.spec = spec
         self.shards = expand_shards(spec)
         self.counts, self.classes = _counts(self.shards, cache_dir or default_cache_dir())
@@ -200,8 +203,6 @@ class ShardDataset(IterableDataset):
 
     def image_sizes(self, n: int = 64) -> list[tuple[int, int]]:
         """(width, height) of the first ``n`` images of the first shards, from their headers only."""
-        import io
-        from PIL import Image
         sizes = []
         for path in self.shards:
             for _, parts in _samples(path):
@@ -286,12 +287,8 @@ def _collate(items: list, skipped: int) -> dict:
 def write_shards(dataset, out: str, shard_size: int) -> dict:
     """Write ``dataset`` (an ``ImageFolder`` or an ``ArrayDataset``) as ``OUT/shard-000000.tar``, ...
     plus ``OUT/shards.json``; folder files are copied byte for byte, arrays written as PNG."""
-    import io
 
-    import numpy as np
-    from PIL import Image
 
-    from selfsight.data.folder import ImageFolder
     os.makedirs(out, exist_ok=True)
     n = len(dataset)
     shards, names = {}, []
@@ -334,7 +331,6 @@ def write_shards(dataset, out: str, shard_size: int) -> dict:
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    import io
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0

@@ -27,10 +27,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
+import torchvision
+from safetensors import safe_open
+from safetensors.torch import save
 
+from selfsight import __version__
+from selfsight.backbones.resnet import DEPTHS, ResNetBackbone, make_resnet
+from selfsight.backbones.vit import SIZES, ViTBackbone
+from selfsight.config import to_dict
 from selfsight.files import atomic_write
+from selfsight.runs import load_run
 
 FORMATS = ("safetensors", "torchvision", "timm", "onnx")
 STATE_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -38,8 +47,6 @@ STATE_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 # ---------------------------------------------------------------------- what a run holds
 def _kind(backbone: nn.Module) -> str:
-    from selfsight.backbones.resnet import ResNetBackbone
-    from selfsight.backbones.vit import ViTBackbone
     if isinstance(backbone, ResNetBackbone):
         return "resnet"
     if isinstance(backbone, ViTBackbone):
@@ -50,7 +57,6 @@ def _kind(backbone: nn.Module) -> str:
 
 def _torchvision_spec(backbone: nn.Module) -> dict:
     """How to build the torchvision ResNet whose state dict matches this backbone's ``net``."""
-    from selfsight.backbones.resnet import DEPTHS
     net = backbone.net
     kind, layers = DEPTHS[backbone.name]
     c1 = net.conv1
@@ -73,7 +79,6 @@ def _torchvision_spec(backbone: nn.Module) -> dict:
 
 
 def _timm_spec(backbone: nn.Module, layer_scale: float) -> dict:
-    from selfsight.backbones.vit import SIZES
     if backbone.rel_pos_bias is not None:
         raise ValueError("--format timm: this ViT uses BEiT's shared relative position bias, which no timm "
                          "VisionTransformer holds; export --format safetensors (selfsight.load_backbone) or onnx")
@@ -90,8 +95,6 @@ def _timm_spec(backbone: nn.Module, layer_scale: float) -> dict:
 
 def metadata(backbone: nn.Module, cfg, pre: dict, fmt: str) -> dict:
     """What a user needs to feed the exported backbone and rebuild it (JSON-serialisable)."""
-    from selfsight import __version__
-    from selfsight.config import to_dict
     meta = {"format": fmt, "selfsight": __version__, "method": cfg.method.name, "backbone": cfg.backbone.name,
             "kind": _kind(backbone), "image_size": int(pre["size"]), "mean": list(pre["mean"]),
             "std": list(pre["std"]), "channels": int(pre["channels"]), "feature_dim": int(backbone.embed_dim),
@@ -164,7 +167,6 @@ def read_metadata(path: str | Path) -> dict:
         if not side.exists():
             raise ValueError(f"{p} has no metadata sidecar {side.name} (not written by selfsight export)")
         return json.loads(side.read_text())
-    from safetensors import safe_open
     try:
         with safe_open(str(p), "pt") as f:
             raw = f.metadata() or {}
@@ -215,7 +217,6 @@ def export_backbone(backbone: nn.Module, meta: dict, out: str | Path, fmt: str =
     """Write ``backbone`` (a selfsight ResNet/ViT backbone) as ``fmt`` to ``out`` with ``meta``:
     a ``.safetensors`` file (metadata in its header), a torch ``.pt``/``.pth`` state dict or an
     ``.onnx`` model (metadata in the ``FILE.json`` sidecar)."""
-    from safetensors.torch import save
     out = Path(out)
     kind = _kind(backbone)
     _check_format(kind, fmt, backbone)
@@ -243,7 +244,6 @@ def export_backbone(backbone: nn.Module, meta: dict, out: str | Path, fmt: str =
 
 def export(run: str | Path, out: str | Path, format: str = "safetensors") -> dict:
     """Export the evaluation backbone of a run folder or checkpoint; returns the metadata written."""
-    from selfsight.runs import load_run
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     check_out_name(out, format)                    # before the run is loaded: a wrong name fails at once
@@ -257,8 +257,6 @@ def export(run: str | Path, out: str | Path, format: str = "safetensors") -> dic
 def torchvision_model(meta: dict) -> nn.Module:
     """The torchvision ``ResNet`` an exported ``torchvision`` file loads into with ``strict=True``
     (``torchvision.models.resnetXX(num_classes=D)`` for the stock architecture)."""
-    import torchvision
-    from selfsight.backbones.resnet import make_resnet
     spec = meta.get("torchvision")
     if spec is None:
         raise ValueError("this export holds no torchvision ResNet (its backbone is a ViT: see meta['timm'])")
@@ -276,7 +274,6 @@ def torchvision_model(meta: dict) -> nn.Module:
 
 def timm_model(meta: dict) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)`` for an exported ``timm`` file."""
-    import timm
     spec = meta.get("timm")
     if spec is None:
         raise ValueError("this export holds no timm ViT (a ResNet: see meta['torchvision'], or a ViT with a "

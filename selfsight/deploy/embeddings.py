@@ -25,7 +25,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from selfsight.data.folder import ImageFolder
+from selfsight.data.images import BrokenImageError, load_image
+from selfsight.deploy.load import features, load_backbone
 from selfsight.files import atomic_write
 
 log = logging.getLogger("selfsight.deploy")
@@ -42,7 +46,6 @@ class _Images(Dataset):
         return len(self.folder)
 
     def __getitem__(self, idx: int):
-        from selfsight.data.images import BrokenImageError, load_image
         rel = self.folder.samples[idx][0]
         path = os.path.join(self.folder.root, rel)
         try:
@@ -96,9 +99,6 @@ def embed(model, folder: str | Path, out: str | Path, batch_size: int = 256, wor
     new shards (an interrupted run; call again to continue). Returns a summary: images, skipped,
     dim, shards computed/reused, done, and the paths written.
     """
-    from tqdm.auto import tqdm
-    from selfsight.data.folder import ImageFolder
-    from selfsight.deploy.load import features, load_backbone
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, nn.Module):
         if preprocess is None:
@@ -176,7 +176,7 @@ def _join(parts: Path, n_shards: int, paths: dict, folder, model_name: str, prep
             "preprocess": repr(preprocess)}
     if paths["kind"] == "parquet":
         try:
-            import pyarrow as pa
+            import pyarrow as pa  # optional extra: pyarrow
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError("writing .parquet needs pyarrow (pip install pyarrow); or give an .npy output") from None
@@ -200,7 +200,7 @@ def load_embeddings(path: str | Path) -> tuple[np.ndarray, list[str], dict]:
     """(N×D float32 embeddings, N file names relative to the folder, metadata) of an ``embed`` output."""
     p = Path(path)
     if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional extra: pyarrow
         t = pq.read_table(p)
         emb = np.array(t.column("embedding").combine_chunks().flatten().to_numpy(), np.float32)   # writable copy
         meta = json.loads(t.schema.metadata[b"selfsight"])

@@ -5,13 +5,23 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from safetensors.torch import load_file
+
+from selfsight.backbones import build_backbone
+from selfsight.deploy.backbone import read_metadata, sidecar, timm_model, torchvision_model
+from selfsight.files import load_plain
+from selfsight.nn.images import eval_resize, to_channels
+from selfsight.resolve import build_config
+from selfsight.runs import load_run
 
 
 class Preprocess:
     """A PIL image or uint8 tensor (C×H×W, or B×C×H×W) -> the normalized float input of the backbone.
 
     Channels are matched first (RGB -> gray with PIL's ITU-R 601 weights, gray -> RGB by
-    repetition), then the evaluation resize of ``selfsight.eval.features._resize`` (small images
+    repetition; ``nn.images.to_channels``), then the evaluation resize (``nn.images.eval_resize``: small images
     straight to S×S; large ones shorter side to S·256/224 and the central crop), then
     ``(x / 255 - mean) / std``. A single image gives C×S×S, a batch B×C×S×S.
     """
@@ -27,29 +37,18 @@ class Preprocess:
 
     def to_uint8(self, image) -> torch.Tensor:
         """PIL image / uint8 tensor -> uint8 C×H×W or B×C×H×W with the model's channel count."""
-        from PIL import Image
         if isinstance(image, Image.Image):
             image = image.convert("L" if self.channels == 1 else "RGB")
-            import torchvision.transforms.v2.functional as TF
             return TF.pil_to_tensor(image)
         x = torch.as_tensor(image)
         if x.dtype != torch.uint8:
             raise ValueError(f"preprocess takes PIL images or uint8 tensors, got a {x.dtype} tensor")
-        c = x.shape[-3]
-        if c == self.channels:
-            return x
-        if c == 3 and self.channels == 1:                     # PIL's "L": (299 R + 587 G + 114 B) / 1000
-            w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-            return (x.float() * w).sum(-3, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-        if c == 1 and self.channels == 3:
-            return x.expand(*x.shape[:-3], 3, *x.shape[-2:])
-        raise ValueError(f"the model takes {self.channels}-channel images, got {c} channels")
+        return to_channels(x, self.channels)                   # RGB -> luma as PIL's "L", gray -> repeated
 
     def __call__(self, image) -> torch.Tensor:
-        from selfsight.eval.features import _resize
         x = self.to_uint8(image)
         single = x.ndim == 3
-        x = _resize((x[None] if single else x).float() / 255, self.size)          # B×C×S×S in [0, 1]
+        x = eval_resize((x[None] if single else x).float() / 255, self.size)      # B×C×S×S in [0, 1]
         x = (x - self.mean) / self.std
         return x[0] if single else x
 
@@ -59,7 +58,6 @@ class Preprocess:
 
 
 def _from_run(path: Path, device):
-    from selfsight.runs import load_run
     model, cfg, pre = load_run(path, device)
     backbone = model.backbone.eval()
     meta = {"format": "run", "method": cfg.method.name, "backbone": cfg.backbone.name, "image_size": pre["size"],
@@ -69,8 +67,6 @@ def _from_run(path: Path, device):
 
 
 def _from_export(path: Path, device):
-    from safetensors.torch import load_file
-    from selfsight.deploy.backbone import read_metadata, timm_model, torchvision_model
     meta = read_metadata(path)
     fmt = meta["format"]
     if fmt == "onnx":
@@ -79,15 +75,12 @@ def _from_export(path: Path, device):
     if path.suffix.lower() == ".safetensors":
         sd = load_file(str(path))
     else:
-        from selfsight.files import load_plain
         sd = load_plain(path)
     if fmt == "torchvision":
         net = torchvision_model(meta)
     elif fmt == "timm":
         net = timm_model(meta)
     else:                                           # selfsight's own backbone, rebuilt from the saved config
-        from selfsight.backbones import build_backbone
-        from selfsight.resolve import build_config
         cfg = build_config(meta["config"], resolved=True)
         net = build_backbone(cfg.backbone, meta["channels"], meta["image_size"])
         if "mask_token" in sd:
@@ -108,7 +101,6 @@ def load_backbone(path: str | Path, device="cpu", with_meta: bool = False):
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{p} does not exist (give an exported .safetensors file, a run folder or a checkpoint)")
-    from selfsight.deploy.backbone import sidecar
     if p.is_dir() or (p.suffix.lower() in (".pt", ".pth") and not sidecar(p).exists()):
         net, meta = _from_run(p, device)                # a run folder or its checkpoint
     else:

@@ -11,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+
+from selfsight.data.images import load_image
+from selfsight.deploy.embeddings import load_embeddings
+from selfsight.deploy.load import features, load_backbone
 
 FAISS_MIN = 200_000
 CHUNK = 65_536
@@ -26,7 +31,7 @@ def cosine_topk(bank: torch.Tensor, queries: torch.Tensor, k: int, backend: str 
     queries = F.normalize(queries.float(), dim=1)
     if backend == "faiss" or (backend == "auto" and bank.shape[0] >= FAISS_MIN):
         try:
-            import faiss
+            import faiss  # optional extra: faiss-cpu
         except ImportError:
             if backend == "faiss":
                 raise ValueError("backend faiss: faiss is not installed (pip install faiss-cpu)") from None
@@ -57,7 +62,6 @@ def neighbors(embeddings: str | Path, query, k: int = 10, picture: str | Path | 
     rows are other images. Returns ``[{rank, index, file, score}]`` (rank 0 first);
     ``picture``: also writes a PNG grid (query, then the neighbours with their scores).
     """
-    from selfsight.deploy.embeddings import load_embeddings
     emb, names, meta = load_embeddings(embeddings)
     bank = torch.from_numpy(emb)
     q_index, q_image = _resolve(query, names)
@@ -65,8 +69,6 @@ def neighbors(embeddings: str | Path, query, k: int = 10, picture: str | Path | 
         q = bank[q_index:q_index + 1]
         q_path = Path(meta["folder"]) / names[q_index]
     else:
-        from selfsight.data.images import load_image
-        from selfsight.deploy.load import features, load_backbone
         src = model or meta.get("model")
         if not src or not Path(src).exists():
             raise ValueError(f"to embed the query image {query} give --model (the collection's model "
@@ -101,8 +103,6 @@ def _resolve(query, names: list[str]) -> tuple[int | None, Path | None]:
 
 def write_picture(path: str | Path, query: Path, results: list[Path], scores: list[float], tile: int = 96) -> None:
     """A one-row PNG: the query (blue frame), then the results with rank and cosine score."""
-    from PIL import Image, ImageDraw, ImageOps
-    from selfsight.data.images import load_image
     pad, text_h = 4, 14
     n = 1 + len(results)
     canvas = Image.new("RGB", (n * (tile + pad) + pad, tile + 2 * pad + text_h), "white")

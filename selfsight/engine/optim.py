@@ -191,3 +191,26 @@ def build_optimizer(model: nn.Module, cfg, device_type: str = "cpu", groups: lis
         return LARS(groups, lr=0.0, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                     trust_coefficient=cfg.trust_coefficient)
     raise ValueError(f"optim.name must be sgd, adamw or lars, got {cfg.name!r}")
+
+
+class NonfiniteCounts:
+    """Steps whose loss or gradients were not finite, counted on the device (no host read per step):
+    the current streak, the longest streak since the last read, and the total. ``read`` (at log and
+    checkpoint steps) brings them to the host."""
+
+    def __init__(self, device: torch.device):
+        self.run, self.worst, self.total = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+        self.in_row = 0                 # as last read: the current streak
+        self.seen = 0                   # as last read: the session's total
+
+    def add(self, ok: torch.Tensor) -> None:
+        self.run.copy_(torch.where(ok, 0, self.run + 1))
+        torch.maximum(self.worst, self.run, out=self.worst)
+        self.total += ~ok
+
+    def read(self) -> int:
+        """Read the counters; returns the longest streak since the last read."""
+        run, worst, total = torch.stack([self.run, self.worst, self.total]).tolist()
+        self.worst.copy_(self.run)
+        self.in_row, self.seen = run, total
+        return worst

@@ -25,6 +25,15 @@ import contextlib
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 OPTIMIZER_FORMAT = "fqn"
 
@@ -47,8 +56,6 @@ def shard_model(model: nn.Module, device: torch.device, amp_dtype: torch.dtype |
     ``shard_units`` on its own, then the rest (embeddings, heads) as the root unit.
     ``amp_dtype`` (bf16): parameters are gathered in that dtype and gradients reduced in fp32
     (``MixedPrecisionPolicy``), halving the traffic; the stored shards stay fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if not dist.is_initialized():
         raise ValueError("train.fsdp needs several processes: start the run with torchrun --nproc-per-node N")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -67,7 +74,6 @@ def shard_model(model: nn.Module, device: torch.device, amp_dtype: torch.dtype |
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
 
 
@@ -87,19 +93,16 @@ def gathered(model: nn.Module):
 
 
 def _options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_model_state(model: nn.Module) -> dict:
     """The model's state dict, unsharded on rank 0's CPU (collective)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     return get_model_state_dict(model, options=_options())
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """(model, optimizer) state dicts, unsharded on rank 0's CPU (collective: every rank calls it)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     return (get_model_state_dict(model, options=_options()),
             get_optimizer_state_dict(model, optimizer, options=_options()))
 
@@ -107,8 +110,6 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
                     optimizer_state: dict | None) -> None:
     """Scatter full state dicts (as ``full_state`` wrote them; every rank holds them) into the shards."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None and optimizer_state is not None:

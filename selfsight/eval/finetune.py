@@ -24,23 +24,29 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import DropPath
 
 from selfsight.augment import ViewRecipe
+from selfsight.backbones.features import backbone_features
 from selfsight.backbones.vit import ViTBackbone
 from selfsight.config import OptimConfig
-from selfsight.data import ArrayDataset
+from selfsight.data import ArrayDataset, num_classes_of
 from selfsight.data.loader import ViewLoader
+from selfsight.data.subset import draw
 from selfsight.engine.optim import build_optimizer, param_groups, skips_weight_decay
-from selfsight.schedules import cosine, scaled_lr
-from selfsight.eval.features import backbone_features, extract
-from selfsight.runs import load_run
+from selfsight.eval.features import extract
 from selfsight.eval.labels import labeled_pair
 from selfsight.eval.linear import accuracy
-from selfsight.eval.online_probe import num_classes_of
+from selfsight.methods import hooks_of
+from selfsight.nn.images import to_channels
+from selfsight.nn.precision import autocast, pick_precision
+from selfsight.runs import load_run
+from selfsight.schedules import cosine, scaled_lr
 
 # defaults per backbone kind: (optimizer, base lr at batch 256, weight decay, drop path)
 VIT_DEFAULTS = ("adamw", 5e-4, 0.05, 0.1)        # MAE ViT-B fine-tuning (blr 5e-4, wd 0.05, drop path 0.1)
@@ -60,8 +66,9 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, features: str = "cls", in_chans: int = 3,
                  size: int = 32, head_norm: str = "none"):
         super().__init__()
-        self.backbone = backbone
-        self.features = backbone_features(backbone, features)
+        self.backbone = backbone            # a backbone, or nn.Sequential(backbone, *layers) (finetune_network)
+        self.features = backbone_features(backbone, features) if not isinstance(backbone, nn.Sequential) \
+            else _network_output(backbone, features)
         was_training = backbone.training
         backbone.eval()
         with torch.no_grad():                  # the feature width (D, 2·D for cls+mean, N·D for DINO's lastN)
@@ -126,7 +133,6 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def set_drop_path(vit: ViTBackbone, rate: float) -> None:
     """Stochastic depth (Huang et al. 2016) rising linearly from 0 to ``rate`` over the blocks (timm's rule)."""
-    from timm.layers import DropPath
     blocks = vit.net.blocks
     for i, blk in enumerate(blocks):
         r = rate * i / max(1, len(blocks) - 1)
@@ -135,162 +141,156 @@ def set_drop_path(vit: ViTBackbone, rate: float) -> None:
                 setattr(blk, attr, DropPath(r) if r > 0 else nn.Identity())
 
 
-class _Subset(torch.utils.data.Dataset):
-    """Some images of a folder; ``transform`` (set by the loaders) reaches the folder itself."""
-
-    def __init__(self, base, index: torch.Tensor):
-        self.base, self.index = base, index.tolist()
-        self.labeled, self.classes = getattr(base, "labeled", True), getattr(base, "classes", [])
-
-    @property
-    def transform(self):
-        return self.base.transform
-
-    @transform.setter
-    def transform(self, t):
-        self.base.transform = t
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.base[self.index[i]]
+def _network_output(network: nn.Sequential, features: str):
+    """A ``finetune_network()`` that continues the backbone (SimCLR v2's projector layers): its
+    output is the feature, so only ``cls`` applies."""
+    if features != "cls":
+        raise ValueError(f"--features {features}: this run fine-tunes the backbone with projector layers "
+                         "(method.finetune_head_layers), whose output is the feature: use --features cls")
+    return network
 
 
-def _subset(ds, n: int | None, seed: int):
-    if n is None or n >= len(ds):
-        return ds
-    if n < 1:
-        raise ValueError(f"--images must be positive, got {n}")
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-    if isinstance(ds, ArrayDataset):
-        return ArrayDataset(ds.images[idx].clone(), ds.labels[idx].clone(), ds.name, ds.classes)
-    return _Subset(ds, idx)
+@dataclass
+class FinetuneSettings:
+    """Every option of ``finetune``; ``None`` picks the backbone's default (module docstring)."""
+    epochs: int = 10
+    lr: float | None = None                 # base lr at batch 256 (ViTs 5e-4, ResNets 0.1); used: lr·B/256
+    batch_size: int = 256
+    layer_decay: float = 0.75               # ViTs with AdamW; 1 = off
+    label_smoothing: float = 0.1
+    weight_decay: float | None = None       # ViTs 0.05, ResNets 1e-4
+    warmup_epochs: float | None = None      # a tenth of the epochs, at most 5
+    drop_path: float | None = None          # ViTs 0.1, ResNets none
+    features: str = "cls"
+    optimizer: str = "auto"                 # auto: AdamW for ViTs, SGD for ResNets
+    crop_scale: tuple | None = None         # (0.08, 1) above 64 px, (0.75, 1) at 64 px and below
+    device: str | None = None
+    baseline: str | None = None             # random: the same network from random initialisation
+    max_train_images: int | None = None
+    data_root: str = ""
+    precision: str | None = None            # default: the run's train.precision
+    seed: int = 0
+    workers: int = 2
+    eval_batch_size: int = 512
+    head_norm: str = "bn"
+    unknown_classes: str = "error"
 
 
-class _Gray:
-    """Folder images (decoded as RGB) to luma before the view transform, for runs trained on gray images."""
-
-    def __init__(self, views):
-        self.views = views
-
-    def __call__(self, image):
-        return self.views(image.convert("L") if hasattr(image, "convert") else image)
-
-
-def _match_channels(ds, channels: int):
-    """An in-memory set with the run's channel count (RGB -> ITU-R 601-2 luma, gray -> repeated)."""
-    if not isinstance(ds, ArrayDataset) or ds.channels == channels:
-        return ds
-    if ds.channels == 1:
-        images = ds.images.expand(-1, channels, -1, -1)
-    elif ds.channels == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        images = (ds.images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    else:
-        raise ValueError(f"the images have {ds.channels} channels, the run was trained on {channels}")
-    return ArrayDataset(images.contiguous(), ds.labels, ds.name, ds.classes)
+@dataclass
+class _Job:
+    """What ``prepare`` makes and ``fit`` and ``evaluate`` use."""
+    settings: FinetuneSettings
+    clf: "Classifier"
+    loader: ViewLoader
+    opt: torch.optim.Optimizer
+    amp: torch.dtype | None
+    device: torch.device
+    cfg: object
+    pre: dict
+    train_set: object
+    test_set: object
+    matched: dict
+    vit: bool
+    decay: float
+    peak: float
+    channels_last: bool
 
 
-def _num_classes(train, test) -> int:
-    """Outputs of the new head: the classes of either set (``num_classes_of``, as the online probe
-    counts them) or the named training classes, whichever is more (the test labels are already in
-    the training classes' indices, ``labels.match_classes``)."""
-    return max(len(train.classes), num_classes_of(train), num_classes_of(test))
-
-
-def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_size: int = 256,
-             layer_decay: float = 0.75, label_smoothing: float = 0.1, weight_decay: float | None = None,
-             warmup_epochs: float | None = None, drop_path: float | None = None, features: str = "cls",
-             optimizer: str = "auto", crop_scale: tuple | None = None, device: str | None = None,
-             baseline: str | None = None, max_train_images: int | None = None, data_root: str = "",
-             precision: str | None = None, seed: int = 0, workers: int = 2, eval_batch_size: int = 512,
-             head_norm: str = "bn", unknown_classes: str = "error") -> dict:
-    """Fine-tune a copy of the run's evaluation backbone with a new linear head on ``train``; top-1/top-5
-    on ``test``. ``train``/``test``: data specs (``build_dataset``) or data sets. ``None`` defaults depend
-    on the backbone (module docstring): ViTs AdamW, base lr 5e-4, weight decay 0.05, drop path 0.1;
-    others SGD, base lr 0.1, weight decay 1e-4, no drop path. ``lr`` is the base lr at batch 256 (the
-    effective lr is lr · batch_size / 256). ``warmup_epochs``: a tenth of the epochs, at most 5 (MAE: 5 of
-    100). ``crop_scale``: (0.08, 1) above 64 px (Inception crops); (0.75, 1) at 64 px and below (about
-    CIFAR's pad-4 random crop, which keeps >= (28/32)² of the image; 8 % of a 28 px image is 8×8 px).
-    ``baseline="random"``: the same network from random initialisation (supervised training from scratch).
-    ``precision``: auto | bf16 | fp32 (default: the run's ``train.precision``). ``head_norm``: bn
-    (default: the features standardised before the new head, ``Classifier``) or none (the bare head).
-    The test labels are matched to the training classes by name (``labels.match_classes``;
-    ``unknown_classes``: error | wrong)."""
-    from selfsight.engine.trainer import pick_precision
-    t0 = time.perf_counter()
-    if baseline not in (None, "random"):
-        raise ValueError(f"fine-tuning trains a backbone: --baseline must be random, got {baseline!r}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"--epochs and --batch-size must be positive, got {epochs} and {batch_size}")
-    if not 0 < layer_decay <= 1:
-        raise ValueError(f"--layer-decay must be in (0, 1], got {layer_decay}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    model, cfg, pre = load_run(run, device, random_init=baseline == "random")
-    backbone = copy.deepcopy(model.backbone)
-    del model
-    train_set, test_set, matched = labeled_pair(train, test, data_root, "fine-tuning", unknown_classes)
-    train_set = _match_channels(_subset(train_set, max_train_images, seed), pre["channels"])
-    if len(train_set) < batch_size:
-        raise ValueError(f"--batch-size {batch_size} is more than the {len(train_set)} training images: pass "
-                         f"--batch-size {max(1, 2 ** (len(train_set).bit_length() - 1))} or less")
-    num_classes = _num_classes(train_set, test_set)
-
-    vit = isinstance(backbone, ViTBackbone)
+def _resolved(s: FinetuneSettings, vit: bool, size: int) -> FinetuneSettings:
+    """``s`` with every ``None`` replaced by the backbone's default."""
     d_opt, d_lr, d_wd, d_dp = VIT_DEFAULTS if vit else CONVNET_DEFAULTS
-    optimizer = d_opt if optimizer == "auto" else optimizer
+    optimizer = d_opt if s.optimizer == "auto" else s.optimizer
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be auto, adamw or sgd, got {optimizer!r}")
-    base_lr = d_lr if lr is None else lr
-    weight_decay = d_wd if weight_decay is None else weight_decay
-    drop_path = d_dp if drop_path is None else drop_path
-    warmup_epochs = min(5.0, epochs / 10) if warmup_epochs is None else warmup_epochs
-    size = pre["size"]
-    crop_scale = tuple(crop_scale or ((0.08, 1.0) if size > 64 else (0.75, 1.0)))
+    return replace(s, optimizer=optimizer, lr=d_lr if s.lr is None else s.lr,
+                   weight_decay=d_wd if s.weight_decay is None else s.weight_decay,
+                   drop_path=d_dp if s.drop_path is None else s.drop_path,
+                   warmup_epochs=min(5.0, s.epochs / 10) if s.warmup_epochs is None else s.warmup_epochs,
+                   crop_scale=tuple(s.crop_scale or ((0.08, 1.0) if size > 64 else (0.75, 1.0))))
 
-    for p in backbone.parameters():            # a momentum teacher arrives frozen: train everything ...
+
+def _check(s: FinetuneSettings) -> None:
+    if s.baseline not in (None, "random"):
+        raise ValueError(f"fine-tuning trains a backbone: --baseline must be random, got {s.baseline!r}")
+    if s.epochs < 1 or s.batch_size < 1:
+        raise ValueError(f"--epochs and --batch-size must be positive, got {s.epochs} and {s.batch_size}")
+    if not 0 < s.layer_decay <= 1:
+        raise ValueError(f"--layer-decay must be in (0, 1], got {s.layer_decay}")
+    if s.max_train_images is not None and s.max_train_images < 1:
+        raise ValueError(f"--images must be positive, got {s.max_train_images}")
+
+
+def _trainable(network: nn.Module, core: nn.Module, cfg, s: FinetuneSettings, vit: bool) -> None:
+    """Everything trains (a momentum teacher arrives frozen), except a ViT's fixed sin-cos (MAE) or
+    absent (BEiT) position table and its unused mask token; a ViT gets its stochastic depth."""
+    for p in network.parameters():
         p.requires_grad_(True)
     if vit:
-        if cfg.backbone.pos_embed != "learned":   # ... but a fixed sin-cos (MAE) or absent (BEiT) position table
-            backbone.net.pos_embed.requires_grad_(False)
-        if backbone.mask_token is not None:        # unused without masks
-            backbone.mask_token.requires_grad_(False)
-        set_drop_path(backbone, drop_path)
-    elif drop_path > 0:
+        if cfg.backbone.pos_embed != "learned":
+            core.net.pos_embed.requires_grad_(False)
+        if core.mask_token is not None:
+            core.mask_token.requires_grad_(False)
+        set_drop_path(core, s.drop_path)
+    elif s.drop_path > 0:
         raise ValueError("--drop-path works for ViT backbones only")
-    clf = Classifier(backbone, num_classes, features, pre["channels"], size, head_norm).to(device)
+
+
+def prepare(run, train, test, s: FinetuneSettings) -> _Job:
+    """The classifier (a copy of the run's fine-tuning network and a new head), the training
+    loader, the optimizer and the precision."""
+    _check(s)
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, pre = load_run(run, device, random_init=s.baseline == "random")
+    network = copy.deepcopy(hooks_of(model).network_to_finetune())
+    core = network[0] if isinstance(network, nn.Sequential) else network          # the backbone itself
+    del model
+    train_set, test_set, matched = labeled_pair(train, test, s.data_root, "fine-tuning", s.unknown_classes)
+    train_set = _match_channels(draw(train_set, s.max_train_images, s.seed), pre["channels"])
+    if len(train_set) < s.batch_size:
+        raise ValueError(f"--batch-size {s.batch_size} is more than the {len(train_set)} training images: pass "
+                         f"--batch-size {max(1, 2 ** (len(train_set).bit_length() - 1))} or less")
+    vit = isinstance(core, ViTBackbone)
+    s = _resolved(s, vit, pre["size"])
+    _trainable(network, core, cfg, s, vit)
+    clf = Classifier(network, _num_classes(train_set, test_set), s.features, pre["channels"], pre["size"],
+                     s.head_norm).to(device)
     channels_last = cfg.backbone.name.startswith("resnet") and cfg.backbone.channels_last
     if channels_last:
         clf = clf.to(memory_format=torch.channels_last)
-
-    decay = layer_decay if (vit and optimizer == "adamw") else 1.0
-    opt = finetune_optimizer(clf, optimizer, decay, weight_decay, dev.type)
-    amp = pick_precision(precision or cfg.train.precision, dev)
-
-    recipe = ViewRecipe(size=size, n_views=1, crop_scale=crop_scale, flip_p=0.5, jitter_p=0.0, gray_p=0.0,
+    # layer-wise decay follows a ViT's blocks: not when projector layers are kept on top (SimCLR v2)
+    decay = s.layer_decay if (vit and s.optimizer == "adamw" and network is core) else 1.0
+    opt = finetune_optimizer(clf, s.optimizer, decay, s.weight_decay, device.type)
+    amp = pick_precision(s.precision or cfg.train.precision, device)
+    recipe = ViewRecipe(size=pre["size"], n_views=1, crop_scale=s.crop_scale, flip_p=0.5, jitter_p=0.0, gray_p=0.0,
                         blur_p=0.0, solarize_p=0.0, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
-    loader = ViewLoader(train_set, recipe, batch_size, dev, seed=seed, workers=workers if not
-                        isinstance(train_set, ArrayDataset) else -1)
     if not isinstance(train_set, ArrayDataset) and pre["channels"] == 1:
-        train_set.transform = _Gray(train_set.transform)
-    spe = loader.steps_per_epoch
-    total, warmup = epochs * spe, round(warmup_epochs * spe)
-    peak = scaled_lr(base_lr, batch_size, 256, "linear")
-    torch.manual_seed(seed)                   # drop path
+        train_set = train_set.prepared(channels=1)              # a folder decodes luma for a gray run
+    loader = ViewLoader(train_set, recipe, s.batch_size, device, seed=s.seed,
+                        workers=s.workers if not isinstance(train_set, ArrayDataset) else -1)
+    peak = scaled_lr(s.lr, s.batch_size, 256, "linear")
+    return _Job(s, clf, loader, opt, amp, device, cfg, pre, train_set, test_set, matched, vit, decay, peak,
+                channels_last)
+
+
+def fit(job: _Job) -> tuple[list[float], int]:
+    """Fine-tune: label-smoothed cross-entropy, warm-up then cosine per step; returns the mean loss
+    of each epoch and the steps taken."""
+    s, clf, opt, dev = job.settings, job.clf, job.opt, job.device
+    spe = job.loader.steps_per_epoch
+    total, warmup = s.epochs * spe, round(s.warmup_epochs * spe)
+    torch.manual_seed(s.seed)                 # drop path
     clf.train()                               # BatchNorm in train mode (ResNets), drop path on (ViTs)
     step, history = 0, []
-    for epoch in range(epochs):
+    for epoch in range(s.epochs):
         total_loss, n = torch.zeros((), device=dev), 0
-        for batch in loader.epoch(epoch):
+        for batch in job.loader.epoch(epoch):
             x, y = batch["views"][0], batch["label"]
-            if channels_last:
+            if job.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            set_lr(opt, cosine(step, total, peak, 0.0, warmup))
-            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            set_lr(opt, cosine(step, total, job.peak, 0.0, warmup))
+            with autocast(dev, job.amp):
                 logits = clf(x)                                                  # B×K
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=s.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -301,17 +301,56 @@ def finetune(run, train, test, epochs: int = 10, lr: float | None = None, batch_
         if not math.isfinite(mean_loss):
             raise ValueError(f"fine-tuning diverged (loss {mean_loss}) in epoch {epoch + 1}: lower --lr")
         history.append(round(mean_loss, 4))
+    return history, step
 
-    clf.eval()
-    logits, y = extract(clf, test_set, pre, device, eval_batch_size, workers, amp, desc="classifying the test data")
-    acc = accuracy(logits, y)
-    return {"model": baseline or "trained", "method": cfg.method.name, "backbone": cfg.backbone.name,
+
+def evaluate(job: _Job, train, test, history: list[float], steps: int, seconds: float) -> dict:
+    """Classify the test split once (the resizing and normalisation of ``features.extract``)."""
+    s = job.settings
+    job.clf.eval()
+    logits, y = extract(job.clf, job.test_set, job.pre, job.device, s.eval_batch_size, s.workers, job.amp,
+                        desc="classifying the test data")
+    cfg = job.cfg
+    return {"model": s.baseline or "trained", "method": cfg.method.name, "backbone": cfg.backbone.name,
             "train": train if isinstance(train, str) else getattr(train, "name", "dataset"),
             "test": test if isinstance(test, str) else getattr(test, "name", "dataset"),
-            "features": features, "head_norm": head_norm, **matched, **acc, "epochs": epochs, "steps": step,
-            "train_images": len(train_set),
-            "batch_size": batch_size, "optimizer": optimizer, "base_lr": base_lr, "lr": peak,
-            "layer_decay": decay if vit else None, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-            "warmup_epochs": warmup_epochs, "drop_path": drop_path, "crop_scale": list(crop_scale),
-            "precision": str(amp).removeprefix("torch.") if amp else "fp32", "train_loss": history,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "features": s.features, "head_norm": s.head_norm, **job.matched, **accuracy(logits, y),
+            "epochs": s.epochs, "steps": steps, "train_images": len(job.train_set), "batch_size": s.batch_size,
+            "optimizer": s.optimizer, "base_lr": s.lr, "lr": job.peak, "layer_decay": job.decay if job.vit else None,
+            "weight_decay": s.weight_decay, "label_smoothing": s.label_smoothing, "warmup_epochs": s.warmup_epochs,
+            "drop_path": s.drop_path, "crop_scale": list(s.crop_scale),
+            "precision": str(job.amp).removeprefix("torch.") if job.amp else "fp32", "train_loss": history,
+            "seconds": round(seconds, 1)}
+
+
+def finetune(run, train, test, settings: FinetuneSettings | None = None, **options) -> dict:
+    """Fine-tune a copy of the run's fine-tuning network (``finetune_network`` hook; the evaluation
+    backbone for most methods) with a new linear head on ``train``; top-1/top-5 on ``test``.
+    ``train``/``test``: data specs (``build_dataset``) or data sets. ``settings``
+    (``FinetuneSettings``) or its fields as keywords: ``None`` values depend on the backbone
+    (module docstring); ``lr`` is the base lr at batch 256 (the effective lr is lr · batch_size /
+    256). ``baseline="random"``: the same network from random initialisation (supervised training
+    from scratch). The test labels are matched to the training classes by name
+    (``labels.match_classes``; ``unknown_classes``: error | wrong)."""
+    t0 = time.perf_counter()
+    known = {f.name for f in fields(FinetuneSettings)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"finetune() got unknown options {unknown}")
+    job = prepare(run, train, test, replace(settings or FinetuneSettings(), **options))
+    history, steps = fit(job)
+    return evaluate(job, train, test, history, steps, time.perf_counter() - t0)
+
+
+def _match_channels(ds, channels: int):
+    """An in-memory set with the run's channel count (RGB -> luma, gray -> repeated; ``nn.images``)."""
+    if not isinstance(ds, ArrayDataset) or ds.channels == channels:
+        return ds
+    return ArrayDataset(to_channels(ds.images, channels).contiguous(), ds.labels, ds.name, ds.classes)
+
+
+def _num_classes(train, test) -> int:
+    """Outputs of the new head: the classes of either set (``num_classes_of``, as the online probe
+    counts them) or the named training classes, whichever is more (the test labels are already in
+    the training classes' indices, ``labels.match_classes``)."""
+    return max(len(train.classes), num_classes_of(train), num_classes_of(test))

@@ -26,10 +26,18 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
+from selfsight.augment import BatchedViews, build_per_sample_views, resolve_recipe
+from selfsight.backbones.features import backbone_features
+from selfsight.data import build_dataset, native_size
 from selfsight.data.arrays import ArrayDataset
+from selfsight.data.paths import stack_views
+from selfsight.data.subset import draw
 from selfsight.engine.monitor import normalized_std, rankme
+from selfsight.eval.features import extract
+from selfsight.nn.precision import autocast, eval_precision
+from selfsight.runs import load_run
 
 __all__ = ["rankme", "normalized_std", "alignment", "uniformity", "health_metrics", "evaluate_health"]
 
@@ -76,39 +84,15 @@ def health_metrics(features: torch.Tensor, view1: torch.Tensor | None = None,
 def _view_pairs(dataset, recipe, channels: int, device, batch_size: int, workers: int, seed: int):
     """Yield two augmented views (normalized float B×C×S×S each) of every image, in order."""
     if isinstance(dataset, ArrayDataset):
-        from selfsight.augment import BatchedViews
         views = BatchedViews(recipe, torch.Generator().manual_seed(seed))
         for i in range(0, len(dataset), batch_size):
             yield views(dataset.images[i:i + batch_size].to(device))[:2]
         return
-    from selfsight.augment import build_per_sample_views
-    from selfsight.data.loader import _stack_views
-    folder = getattr(dataset, "dataset", dataset)
-    folder.transform = _Convert(build_per_sample_views(recipe, channels=channels), channels)
+    source = dataset.prepared(transform=build_per_sample_views(recipe, channels=channels), channels=channels)
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_stack_views, generator=g)
+    loader = DataLoader(source, batch_size=batch_size, num_workers=workers, collate_fn=stack_views, generator=g)
     for batch in loader:
         yield [v.to(device) for v in batch["views"][:2]]
-
-
-class _Convert:
-    """A folder decodes RGB: a run trained on gray images gets the luma (PIL "L"), as ``extract``."""
-
-    def __init__(self, transform, channels: int):
-        self.transform, self.mode = transform, {1: "L", 3: "RGB"}.get(channels)
-
-    def __call__(self, image):
-        return self.transform(image.convert(self.mode) if self.mode and hasattr(image, "convert") else image)
-
-
-def _subset(dataset, n: int, seed: int):
-    """``n`` images drawn without replacement with ``seed`` (all of them when n ≤ 0 or n ≥ len)."""
-    if n <= 0 or n >= len(dataset):
-        return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    if isinstance(dataset, ArrayDataset):
-        return ArrayDataset(dataset.images[idx], dataset.labels[idx], name=dataset.name)
-    return Subset(dataset, idx.tolist())
 
 
 def evaluate_health(run: str, data: str, n_images: int = 4096, baseline: str | None = None,
@@ -119,30 +103,26 @@ def evaluate_health(run: str, data: str, n_images: int = 4096, baseline: str | N
     ``seed``; labels are not used). ``dataset`` overrides ``data`` with any data source.
     ``features`` as for kNN (cls | mean | cls+mean | lastN[+mean]). RankMe can reach at most
     min(N, D): give at least as many images as the feature width."""
-    from selfsight.augment import resolve_recipe
-    from selfsight.data import build_dataset, native_size
-    from selfsight.eval.features import backbone_features, extract
-    from selfsight.runs import load_run
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if baseline not in (None, "random"):
         raise ValueError(f"--baseline must be random, got {baseline!r}")
     model, cfg, pre = load_run(run, device, random_init=baseline == "random")
     ds = dataset if dataset is not None else build_dataset(data, data_root)
-    ds = _subset(ds, n_images, seed)
+    ds = draw(ds, n_images, seed, sort=True)
     if len(ds) < 2:
         raise ValueError("health metrics need at least two images")
     fn = backbone_features(model.backbone, features)
-    amp = torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp = eval_precision(device)
     feats, _ = extract(fn, ds, pre, device, batch_size, workers, amp)
-    native, _ = native_size(getattr(ds, "dataset", ds))                       # as the trainer resolves "auto"
+    native, _ = native_size(ds)                                               # as the trainer resolves "auto"
     recipe = resolve_recipe(cfg.views, native, pre["channels"])
     recipe = replace(recipe, size=pre["size"], mean=tuple(pre["mean"]), std=tuple(pre["std"]), n_views=2,
                      local_crops=0)
     v1, v2 = [], []
     with torch.no_grad():
         for a, b in _view_pairs(ds, recipe, pre["channels"], device, batch_size, workers, seed):
-            with torch.autocast(torch.device(device).type, dtype=amp or torch.float32, enabled=amp is not None):
+            with autocast(device, amp):
                 v1.append(fn(a).float().cpu())
                 v2.append(fn(b).float().cpu())
     res = health_metrics(feats, torch.cat(v1), torch.cat(v2))

@@ -3,8 +3,12 @@
 training neighbours vote with weight exp(sim / T)."""
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
+
+from selfsight.eval.features import labeled_features
 
 
 @torch.no_grad()
@@ -51,3 +55,16 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_classify(train_feats, train_labels, test_feats, k, temperature, num_classes)
     return topk_accuracy(scores, test_labels)
+
+
+def evaluate_knn(run: str, train: str, test: str, k: int = 20, temperature: float = 0.07,
+                 baseline: str | None = None, device: str | None = None, data_root: str = "",
+                 batch_size: int = 512, features: str = "cls", unknown_classes: str = "error") -> dict:
+    """kNN top-1/top-5 of the run's evaluation backbone, or of a baseline on the same data
+    (``features.labeled_features`` explains ``baseline``, ``features`` and ``unknown_classes``)."""
+    t0 = time.perf_counter()
+    train_f, train_y, test_f, test_y, info = labeled_features(run, train, test, baseline, device, data_root,
+                                                              batch_size, features, unknown_classes=unknown_classes)
+    acc = knn_accuracy(train_f, train_y, test_f, test_y, k, temperature)
+    return {**info, "k": k, "temperature": temperature, **acc,
+            "feature_dim": int(train_f.shape[1]), "seconds": round(time.perf_counter() - t0, 1)}

@@ -35,29 +35,21 @@ def labels_of(ds) -> np.ndarray | None:
     """The labels of a map-style source as one array (None where they are only known per item)."""
     if isinstance(ds, ArrayDataset):
         return ds.labels.numpy()
-    if isinstance(getattr(ds, "labels", None), np.ndarray):           # ImageFolder
-        return ds.labels
-    if hasattr(ds, "base") and hasattr(ds, "index"):                   # a subset (fine-tuning's --images)
-        base = labels_of(ds.base)
-        return None if base is None else base[np.asarray(ds.index)]
-    return None
+    labels = getattr(ds, "labels", None)            # folders, subsets, relabeled sources
+    return labels if isinstance(labels, np.ndarray) else None
 
 
 class Relabeled(Dataset):
     """A map-style source whose labels go through ``table`` (its label -> a training class index, -1
-    for none); ``transform``, set by the evaluation loaders, reaches the source itself."""
+    for none); ``prepared`` reaches the source itself (folders)."""
 
     def __init__(self, dataset, table: Sequence[int], classes: list[str]):
         self.dataset, self.table, self.classes, self.labeled = dataset, list(table), list(classes), True
         self.name = getattr(dataset, "name", getattr(dataset, "root", ""))
+        self.channels = getattr(dataset, "channels", 3)
 
-    @property
-    def transform(self):
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, t):
-        self.dataset.transform = t
+    def prepared(self, **kwargs) -> "Relabeled":
+        return Relabeled(self.dataset.prepared(**kwargs), self.table, self.classes)
 
     @property
     def labels(self) -> np.ndarray | None:

@@ -14,10 +14,13 @@ once on the test split.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from selfsight.eval.features import labeled_features
 
 LRS = (0.001, 0.01, 0.1)
 WEIGHT_DECAYS = (0.0, 1e-4)
@@ -106,3 +109,16 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         test_logits = head(test_x)[0]
     return {**accuracy(test_logits, test_y), "lr": best["lr"], "weight_decay": best["weight_decay"],
             "val_top1": best["val_top1"], "epochs": epochs, "batchnorm": batchnorm, "sweep": sweep}
+
+
+def evaluate_linear(run: str, train: str, test: str, baseline: str | None = None, device: str | None = None,
+                    data_root: str = "", batch_size: int = 512, features: str = "cls", epochs: int = 30,
+                    batchnorm: bool = True, unknown_classes: str = "error") -> dict:
+    """Linear-probe top-1/top-5 (``eval.linear.linear_probe``: features extracted once, lr and
+    weight decay chosen on a held-out tenth of the training split) of a run or a baseline."""
+    t0 = time.perf_counter()
+    train_f, train_y, test_f, test_y, info = labeled_features(run, train, test, baseline, device, data_root,
+                                                              batch_size, features, protocol="the linear probe",
+                                                              unknown_classes=unknown_classes)
+    res = linear_probe(train_f, train_y, test_f, test_y, epochs=epochs, batchnorm=batchnorm)
+    return {**info, **res, "feature_dim": int(train_f.shape[1]), "seconds": round(time.perf_counter() - t0, 1)}

@@ -22,20 +22,22 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader
 
+from selfsight.augment import BatchedViews, ViewRecipe
+from selfsight.backbones.features import backbone_features
 from selfsight.data.arrays import ArrayDataset
+from selfsight.eval.features import collate_images, extract, pixel_features
+from selfsight.eval.labels import labeled_pair
 from selfsight.eval.linear import accuracy
+from selfsight.nn.precision import autocast, eval_precision
+from selfsight.runs import load_run
 
 
 def _recipe(pre: dict, crop_scale: tuple):
-    from selfsight.augment import ViewRecipe
     return ViewRecipe(size=pre["size"], n_views=1, crop_scale=tuple(crop_scale), flip_p=0.5, jitter_p=0.0,
                       gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
-
-
-def _collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
 
 
 def augmented_batches(dataset, pre: dict, epoch: int, batch_size: int, device, seed: int = 0, workers: int = 2,
@@ -45,22 +47,19 @@ def augmented_batches(dataset, pre: dict, epoch: int, batch_size: int, device, s
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     recipe = _recipe(pre, crop_scale)
     if isinstance(dataset, ArrayDataset):
-        from selfsight.augment import BatchedViews
         views = BatchedViews(recipe, g)
         order = torch.randperm(len(dataset), generator=g)
         for i in range(0, len(dataset), batch_size):
             idx = order[i:i + batch_size]
             yield views.one_view(dataset.images[idx].to(device), recipe), dataset.labels[idx].to(device)
         return
-    import torchvision.transforms.v2 as T
     ops = [T.ToImage(), T.RandomResizedCrop(recipe.size, scale=recipe.crop_scale, antialias=True),
            T.RandomHorizontalFlip(0.5)]
     if pre["channels"] == 1:                                 # folders decode RGB; a gray run gets the luma
         ops.append(T.Grayscale(1))
     ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(recipe.mean, recipe.std)]
-    getattr(dataset, "dataset", dataset).transform = T.Compose(ops)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, num_workers=workers,
-                        collate_fn=_collate, pin_memory=torch.device(device).type == "cuda")
+    loader = DataLoader(dataset.prepared(transform=T.Compose(ops)), batch_size=batch_size, shuffle=True, generator=g, num_workers=workers,
+                        collate_fn=collate_images, pin_memory=torch.device(device).type == "cuda")
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -80,7 +79,6 @@ def linear_probe_full(fn, train_set, test_set, pre: dict, num_classes: int, epoc
                       device="cpu", seed: int = 0, workers: int = 2, amp_dtype: torch.dtype | None = None) -> dict:
     """Train a head on ``fn``'s features (``fn``: normalized images -> B×D, the frozen backbone; it
     runs under ``torch.no_grad``) of augmented training images; top-1/top-5 on ``test_set``."""
-    from selfsight.eval.features import extract
     device = torch.device(device)
     torch.manual_seed(seed)
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
@@ -93,8 +91,7 @@ def linear_probe_full(fn, train_set, test_set, pre: dict, num_classes: int, epoc
     for epoch in range(epochs):
         correct = seen = 0
         for x, y in augmented_batches(train_set, pre, epoch, batch_size, device, seed, workers, crop_scale):
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                 enabled=amp_dtype is not None):
+            with torch.no_grad(), autocast(device, amp_dtype):
                 f = fn(x).float()
             if head is None:
                 head = make_head(f.shape[1], num_classes, batchnorm, device)
@@ -136,9 +133,6 @@ def evaluate_linear_full(run: str, train: str, test: str, baseline: str | None =
     """The full-path linear probe of a run (or of a baseline: ``pixels``, ``random``) on a
     labeled train/test pair (``train_set``/``test_set`` override the specs with data sources; the
     test labels are matched to the training classes by name, ``labels.match_classes``)."""
-    from selfsight.eval.features import backbone_features, pixel_features
-    from selfsight.runs import load_run
-    from selfsight.eval.labels import labeled_pair
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if baseline not in (None, "pixels", "random"):
@@ -150,7 +144,7 @@ def evaluate_linear_full(run: str, train: str, test: str, baseline: str | None =
                                                 "the linear probe", unknown_classes)
     classes = [len(ds.classes) if hasattr(ds, "labeled") else int(ds.labels.max()) + 1 for ds in (train_set, test_set)]
     fn = pixel_features if baseline == "pixels" else backbone_features(model.backbone, features)
-    amp = torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp = eval_precision(device)
     res = linear_probe_full(fn, train_set, test_set, pre, max(classes), epochs, lr, batch_size, weight_decay,
                             warmup_epochs=warmup_epochs, batchnorm=batchnorm, crop_scale=crop_scale, device=device,
                             seed=cfg.train.seed, workers=workers, amp_dtype=amp)

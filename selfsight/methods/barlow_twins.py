@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from selfsight.augment.views import BYOL_VIEWS
+from selfsight.config import setting
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import barlow_twins_loss
-from selfsight.config import setting
 from selfsight.methods import register_method
 
 

@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from selfsight.augment.views import BYOL_VIEWS
+from selfsight.config import setting
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import byol_regression
-from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.nn.momentum import momentum_copy, momentum_update
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 
 from selfsight.augment.views import DINO_VIEWS
+from selfsight.config import setting
 from selfsight.heads.dino import DINOHead, freeze_last_layer
 from selfsight.losses.dino import dino_loss, dino_monitor, teacher_probs, update_center
-from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
 from selfsight.nn.multicrop import group_by_resolution

@@ -40,11 +40,11 @@ import torch
 import torch.nn as nn
 
 from selfsight.augment.views import DINO_VIEWS
+from selfsight.config import setting, unit_range
 from selfsight.heads.dino import DINOHead, freeze_last_layer
 from selfsight.losses.dino import dino_loss, dino_monitor, teacher_probs, update_center
 from selfsight.losses.ibot import ibot_patch_loss, update_patch_center
 from selfsight.masking.views import ViewMasker, build_masker
-from selfsight.config import setting, unit_range
 from selfsight.methods import register_method, vit_only
 from selfsight.methods.dino import DINO_VIT_OPTIM
 from selfsight.methods.mim import MaskParams

@@ -30,19 +30,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torchvision.utils as vutils
 
 from selfsight.augment.views import default_normalization
+from selfsight.config import setting, unit_range
 from selfsight.heads import ProjectionMLP
 from selfsight.heads.aggregation import PatchAggregation
 from selfsight.heads.mim import build_mim_head
 from selfsight.losses.mim import mim_loss
 from selfsight.losses.nt_xent import nt_xent
 from selfsight.masking.views import ViewMasker, build_masker
-from selfsight.config import setting, unit_range
 from selfsight.methods import register_method, vit_only
 from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
-import torchvision.utils as vutils
-
 from selfsight.targets import build_target, normalize_target, patchify, unpatchify
 
 

@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from selfsight.augment.views import MOCO_V2_VIEWS
+from selfsight.config import setting
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import info_nce_queue
 from selfsight.losses.common import upcast
-from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.nn.distributed import gather_no_grad, world_size
 from selfsight.nn.momentum import momentum_copy, momentum_update

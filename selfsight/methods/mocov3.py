@@ -27,9 +27,9 @@ import torch.nn as nn
 
 from selfsight.augment.views import BYOL_VIEWS
 from selfsight.backbones.vit import ViTBackbone
+from selfsight.config import setting
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import moco_v3_loss
-from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.nn.momentum import momentum_copy, momentum_update
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from selfsight.config import setting
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import nt_xent
-from selfsight.config import setting
 from selfsight.methods import register_method
 
 

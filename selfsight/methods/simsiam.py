@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from selfsight.augment.views import MOCO_V2_VIEWS
+from selfsight.config import setting
 from selfsight.heads import ProjectionMLP
 from selfsight.losses import negative_cosine
-from selfsight.config import setting
 from selfsight.methods import register_method
 
 

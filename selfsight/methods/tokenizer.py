@@ -33,6 +33,7 @@ from selfsight.augment.views import default_normalization
 from selfsight.config import setting
 from selfsight.methods import register_method
 from selfsight.targets import build_teacher_target, save_tokenizer
+from selfsight.tokenizers import DVAE, VQTokenizer
 
 KINDS = ("dvae", "vq")
 log = logging.getLogger("selfsight")
@@ -61,7 +62,6 @@ class TokenizerParams:
 class TokenizerTraining(nn.Module):
     def __init__(self, params: TokenizerParams, channels: int, preprocess: dict):
         super().__init__()
-        from selfsight.tokenizers import DVAE, VQTokenizer
         p = self.params = params
         if p.kind not in KINDS:
             raise ValueError(f"method.kind must be one of {', '.join(KINDS)}, got {p.kind!r}")

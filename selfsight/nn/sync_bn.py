@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from selfsight.nn.distributed import all_reduce_sum_with_grad, world_size
+from selfsight.nn.shuffle_bn import SplitBatchNorm
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -50,7 +51,6 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
 
     A module holding MoCo's SplitBatchNorm (shuffle-BN) is returned unchanged: its per-process
     statistics are the point, and global statistics would let queries and keys "cheat"."""
-    from selfsight.nn.shuffle_bn import SplitBatchNorm
     if any(isinstance(m, SplitBatchNorm) for m in module.modules()):
         return module
     if device_type == "cuda":

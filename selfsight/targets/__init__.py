@@ -22,7 +22,7 @@ import torch.nn as nn
 from selfsight.targets.features import FeatureTarget, InputAdapter, TokenTarget, load_teacher
 from selfsight.targets.hog import HOG
 from selfsight.targets.pixels import NORMS, normalize_target, patchify, unpatchify
-from selfsight.targets.tokens import TOKENIZERS, load_tokenizer, save_tokenizer
+from selfsight.tokenizers import TOKENIZERS, load_tokenizer, save_tokenizer
 
 TARGETS = ("pixels", "hog", "teacher", "ema", "tokens")
 

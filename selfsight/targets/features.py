@@ -18,11 +18,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from safetensors.torch import load_file
 
 from selfsight.backbones.base import Features, wrap
+from selfsight.files import load_plain
+from selfsight.nn.images import to_channels
 
 
 class InputAdapter(nn.Module):
@@ -36,10 +41,8 @@ class InputAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() * self.src_std + self.src_mean                          # back to [0, 1]
-        if self.channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        elif self.channels == 1 and x.shape[1] == 3:
-            x = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if self.channels:
+            x = to_channels(x, self.channels)
         if self.size and x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
         return (x - self.dst_mean) / self.dst_std
@@ -79,12 +82,7 @@ def _load_weights(path: str) -> dict:
         raise ValueError("a timm: or torchvision: teacher needs method.target.teacher_weights (a local file; "
                          "nothing is downloaded)")
     if str(path).endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError("reading .safetensors weights needs `pip install safetensors`") from None
         return load_file(path)
-    from selfsight.files import load_plain
     state = load_plain(path)                    # weights_only: a pickled code payload is refused, never run
     return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
 
@@ -92,7 +90,6 @@ def _load_weights(path: str) -> dict:
 def load_teacher(spec: str, weights: str = "") -> tuple[nn.Module, dict]:
     """-> (frozen network with ``forward_features``, preprocess {size, mean, std, channels})."""
     if spec.startswith("timm:"):
-        import timm
         try:                                     # ViTs: any input size (teacher_size)
             model = timm.create_model(spec[5:], pretrained=False, num_classes=0, dynamic_img_size=True)
         except TypeError:
@@ -102,7 +99,6 @@ def load_teacher(spec: str, weights: str = "") -> tuple[nn.Module, dict]:
         net, pre = TimmTokens(model), {"size": cfg.get("input_size", (3, 224, 224))[-1], "mean": list(cfg["mean"]),
                                        "std": list(cfg["std"]), "channels": cfg.get("input_size", (3,))[0]}
     elif spec.startswith("torchvision:"):
-        import torchvision
         model = torchvision.models.get_model(spec[12:], weights=None)
         _strict_load(model, _load_weights(weights), spec)
         net = wrap(nn.Sequential(*list(model.children())[:-2]), in_chans=3, probe_size=64)

@@ -8,13 +8,13 @@ vq     ``VQTokenizer``: EMA vector quantizer, pixel (VQ-VAE)   VQ-VAE (van den O
        or teacher-feature (VQ-KD) target                      BEiT v2 (Peng et al. 2022)
 =====  =====================================================  ===============================
 
-Both are registered in ``selfsight.targets.tokens.TOKENIZERS``; a builder takes the constructor
-kwargs as a plain dict (each module keeps it as ``.config``), so
-``save_tokenizer(tok, kind, tok.config, preprocess, path)`` / ``load_tokenizer(path)`` round-trip.
+Both are registered in ``artifact.TOKENIZERS``; a builder takes the constructor kwargs as a plain
+dict (each module keeps it as ``.config``), so ``save_tokenizer(tok, kind, tok.config, preprocess,
+path)`` / ``load_tokenizer(path)`` (``artifact.py``, the file format) round-trip.
 """
 from __future__ import annotations
 
-from selfsight.targets.tokens import TOKENIZERS
+from selfsight.tokenizers.artifact import TOKENIZERS, load_tokenizer, save_tokenizer
 from selfsight.tokenizers.dvae import DVAE
 from selfsight.tokenizers.quantizer import Quantized, VectorQuantizer
 from selfsight.tokenizers.vq import VQTokenizer
@@ -30,4 +30,5 @@ def build_vq(config: dict) -> VQTokenizer:
     return VQTokenizer(**config)
 
 
-__all__ = ["DVAE", "Quantized", "VQTokenizer", "VectorQuantizer", "build_dvae", "build_vq"]
+__all__ = ["DVAE", "Quantized", "TOKENIZERS", "VQTokenizer", "VectorQuantizer", "build_dvae", "build_vq",
+           "load_tokenizer", "save_tokenizer"]

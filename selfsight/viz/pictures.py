@@ -20,9 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 import torchvision.utils as vutils
 
+from selfsight.backbones.features import backbone_features
+from selfsight.data import build_dataset, held_out_split
+from selfsight.data.arrays import ArrayDataset
+from selfsight.eval.features import extract
 from selfsight.methods import hooks_of
+from selfsight.nn.images import eval_resize, to_channels
+from selfsight.runs import load_run
 from selfsight.viz import draw
 
 log = logging.getLogger("selfsight")
@@ -47,7 +54,7 @@ def pca_2d(features: torch.Tensor) -> torch.Tensor:
 
 def _require(method: str):
     """The module a map needs (sklearn.manifold for tsne, umap for umap), or a clear error."""
-    import importlib
+    import importlib  # optional extras: scikit-learn, umap-learn
     if method not in MAPS:
         raise ValueError(f"map must be one of {', '.join(MAPS)}, got {method!r}")
     module, package = {"pca": ("torch", "torch"), "tsne": ("sklearn.manifold", "scikit-learn"),
@@ -67,7 +74,7 @@ def embed_2d(features: torch.Tensor, method: str = "pca", seed: int = 0) -> torc
     x = F.normalize(features.float(), dim=1).numpy()
     # one thread: scikit-learn's OpenMP runtime beside torch's spins against it (seen: 0.4 s -> 44 s for
     # t-SNE of 60 points on a busy 2-core machine)
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # optional extras: scikit-learn, umap-learn
     with threadpool_limits(1):
         if method == "tsne":
             perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
@@ -225,23 +232,18 @@ def curves(rows: list[dict]) -> dict:
 def sample_images(dataset, n: int, size: int, channels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images drawn without replacement (seeded) as uint8 n×C×size×size, with their labels
     (−1 when unlabeled); folder images are resized as the evaluation resizes them."""
-    from selfsight.data.arrays import ArrayDataset
-    from selfsight.eval.features import _resize
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=g)[:n]
     if isinstance(dataset, ArrayDataset):
         images, labels = dataset.images[idx], dataset.labels[idx]
     else:
         items = [dataset[int(i)] for i in idx]
-        import torchvision.transforms.v2.functional as TF
-        images = torch.stack([_resize(TF.pil_to_tensor(it["image"]).float()[None], size)[0].round().to(torch.uint8)
+        images = torch.stack([eval_resize(TF.pil_to_tensor(it["image"]).float()[None], size)[0].round().to(torch.uint8)
                               if not torch.is_tensor(it["image"]) else it["image"] for it in items])
         labels = torch.tensor([int(it["label"]) for it in items])
     if images.shape[-1] != size or images.shape[-2] != size:
-        images = _resize(images.float(), size).round().clamp(0, 255).to(torch.uint8)
-    if images.shape[1] != channels:                        # gray <-> RGB to what the run was trained on
-        images = images.expand(-1, channels, -1, -1) if images.shape[1] == 1 else \
-            images.float().mean(1, keepdim=True).round().to(torch.uint8)
+        images = eval_resize(images.float(), size).round().clamp(0, 255).to(torch.uint8)
+    images = to_channels(images, channels)                 # gray <-> RGB to what the run was trained on
     return images.contiguous(), labels.long()
 
 
@@ -264,10 +266,6 @@ def write_pictures(run: str | Path, data=None, out: str | Path | None = None, n:
     the training set); ``n`` images are drawn from it for the maps, retrieval and attention.
     ``maps``: any of pca, tsne, umap. Curves come from ``RUN/metrics.jsonl`` alone.
     """
-    from selfsight.data import build_dataset, held_out_split
-    from selfsight.eval.features import backbone_features, extract
-    from selfsight.runs import load_run
-    from selfsight.data.arrays import ArrayDataset
     run = Path(run)
     run_dir = run if run.is_dir() else run.parent
     out = Path(out) if out else run_dir / "pictures"

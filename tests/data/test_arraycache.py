@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 from PIL import Image
 
 import selfsight.data.folder as folder_mod
-from conftest import tiny_overrides
-from selfsight.resolve import load_config
 from selfsight.data import arraycache
 from selfsight.data.arraycache import build_cache, cached_folder, open_cache
 from selfsight.data.folder import ImageFolder
 from selfsight.engine.trainer import pretrain
+from selfsight.resolve import load_config
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfsight.augment import ViewRecipe
-from selfsight.augment.crops import WorkerCrops, sample_seed
+from selfsight.data.crops import WorkerCrops, sample_seed
 from selfsight.data.folder import ImageFolder
 from selfsight.data.loader import ViewLoader
 
@@ -202,7 +202,7 @@ def test_device_decode_mixes_with_files_the_workers_decode(photo_folder, tmp_pat
 
 
 def test_device_decode_replaces_and_counts_what_no_decoder_reads(photo_folder):
-    from selfsight.augment.crops import DeviceJPEGDecoder, decode_and_crop
+    from selfsight.data.crops import DeviceJPEGDecoder, decode_and_crop
     good = torch.frombuffer(bytearray(next(photo_folder.glob("c0/*.jpg")).read_bytes()), dtype=torch.uint8)
     bad = torch.frombuffer(bytearray(b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"), dtype=torch.uint8)
     boxes = torch.tensor([[[0, 0, 100, 100]], [[10, 10, 50, 50]]])
@@ -235,7 +235,8 @@ def test_device_decode_needs_a_folder_on_the_hybrid_path(fmnist_small, photo_fol
 
 def test_prefetched_keeps_order_raises_errors_and_stops_when_closed():
     import threading
-    from selfsight.data.loader import prefetched
+
+    from selfsight.data.paths import prefetched
     made = []
 
     def source(n, fail_at=None):

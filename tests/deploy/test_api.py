@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from PIL import Image
 
 import selfsight
-from conftest import tiny_overrides
 
 
 def test_import_is_lazy():
@@ -52,6 +52,7 @@ def test_public_api_end_to_end(tmp_path, fmnist_small, fmnist_test):
 def test_export_keeps_the_backbone_evaluation_uses(tmp_path, fmnist_small, fmnist_test):
     """DINO evaluates its EMA teacher: the export holds the teacher's weights, not the student's."""
     from conftest import normalized
+
     from selfsight.data import ArrayDataset
     from selfsight.runs import load_run
     over = tiny_overrides(**{"method.name": "dino", "train.steps": 2, "method.out_dim": 256, "method.hidden_dim": 64,

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import normalized, tiny_overrides
 from PIL import Image
 
-from conftest import normalized, tiny_overrides
-from selfsight.resolve import load_config
 from selfsight.data import ArrayDataset
-from selfsight.engine.trainer import pretrain
-from selfsight.runs import load_run
 from selfsight.deploy import cosine_topk, embed, load_backbone, load_embeddings, neighbors
+from selfsight.engine.trainer import pretrain
+from selfsight.resolve import load_config
+from selfsight.runs import load_run
 
 N = 40
 

@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 import torchvision
+from conftest import normalized, tiny_overrides
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import normalized, tiny_overrides
 from selfsight import api
-from selfsight.resolve import load_config
 from selfsight.data import ArrayDataset
-from selfsight.engine.trainer import pretrain
-from selfsight.runs import load_run
 from selfsight.deploy import export, load_backbone, read_metadata, torchvision_model
+from selfsight.engine.trainer import pretrain
+from selfsight.resolve import load_config
+from selfsight.runs import load_run
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_safetensors_metadata_round_trips_and_load_backbone(runs, tmp_path, fmni
 
 
 def test_preprocess_resizes_like_evaluation_and_matches_channels(runs, fmnist_test):
-    from selfsight.eval.features import _resize
+    from selfsight.nn.images import eval_resize as _resize
     _, pre = load_backbone(runs / "resnet")
     img = fmnist_test.images[:4]                                        # uint8 B×1×28×28
     big = torch.nn.functional.interpolate(img.float(), size=(96, 80), mode="nearest").to(torch.uint8)

@@ -5,16 +5,16 @@ import json
 import pytest
 import timm
 import torch
+from conftest import normalized, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import normalized, tiny_overrides
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.resolve import load_config
 from selfsight.data import ArrayDataset
-from selfsight.engine.trainer import pretrain
-from selfsight.runs import load_run
 from selfsight.deploy import export, export_backbone, load_backbone, read_metadata, timm_model
 from selfsight.deploy.backbone import metadata
+from selfsight.engine.trainer import pretrain
+from selfsight.resolve import load_config
+from selfsight.runs import load_run
 
 VIT = {"backbone.name": "vit_tiny", "backbone.depth": 2, "backbone.patch_size": 7}
 PRE = {"size": 28, "mean": [0.5], "std": [0.5], "channels": 1}

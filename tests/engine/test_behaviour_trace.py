@@ -76,8 +76,8 @@ def folder_of_images(root: Path, dataset, n: int = 256) -> Path:
 
 def trace(name: str, workdir: Path, dataset) -> dict:
     """Losses per step and the sha256 of the final model state of one reference run."""
-    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
+    from selfsight.resolve import load_config
     torch.set_num_threads(1)
     overrides = list(RUNS[name])
     data = None
@@ -106,6 +106,7 @@ def test_the_reference_runs_are_unchanged(name, tmp_path, fmnist_small):
 
 if __name__ == "__main__" and "--record" in sys.argv:
     import tempfile
+
     from selfsight.data import ArrayDataset, build_dataset
     fm = build_dataset("fashion-mnist", download=False)
     small = ArrayDataset(fm.images[:2048].clone(), fm.labels[:2048].clone(), name="fmnist-2k")

@@ -5,12 +5,12 @@ import logging
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
-from selfsight.resolve import load_config
-from selfsight.files import safe_load
+
 from selfsight.engine.trainer import Trainer
+from selfsight.files import safe_load
 from selfsight.methods import build_method
+from selfsight.resolve import load_config
 
 RUNS = {
     "simclr-resnet": {"method.name": "simclr"},
@@ -95,12 +95,12 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(tmp_path, fmnist
 def _compile_agreement_worker(rank, run_dir, dataset, failing_rank):
     """One Trainer per rank with train.compile; ``failing_rank``'s toolchain check raises (a node
     without a compiler), the other's passes without compiling anything (kept fast)."""
-    import selfsight.engine.trainer as trainer_mod
+    import selfsight.engine.compile as compile_mod
 
     def check(device):
         if rank == failing_rank:
             raise RuntimeError(f"no C++ compiler on rank {rank}")
-    trainer_mod.toolchain_check = check
+    compile_mod.toolchain_check = check
     tr = Trainer(cfg_of("simclr-resnet", True, 2), run_dir, dataset=dataset)
     compiled = list(tr.compiled)
     if failing_rank >= 0:

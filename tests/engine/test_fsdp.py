@@ -7,13 +7,13 @@
   not, and a DDP checkpoint is refused by a sharded run with one line."""
 import pytest
 import torch
-
 from conftest import run_on_gloo
-from selfsight.resolve import build_config, load_config
-from selfsight.files import safe_load
+
 from selfsight.engine.sharding import shard_units
 from selfsight.engine.trainer import Trainer
+from selfsight.files import safe_load
 from selfsight.methods import build_method
+from selfsight.resolve import build_config, load_config
 
 WORLD = 2
 STEPS = 12

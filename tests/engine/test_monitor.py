@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
-from selfsight.resolve import load_config
+
 from selfsight.engine.monitor import collapse_warning, embedding_stats, rankme
 from selfsight.engine.trainer import pretrain
+from selfsight.resolve import load_config
 
 
 def test_stats_of_healthy_and_collapsed_embeddings():

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from selfsight.config import ConfigError
-from selfsight.resolve import load_config
+from selfsight.data import num_classes_of
+from selfsight.engine.online_probe import OnlineProbe
 from selfsight.engine.trainer import Trainer, pretrain
-from selfsight.eval.online_probe import OnlineProbe, num_classes_of
+from selfsight.resolve import load_config
 
 PROBE = {"eval.online_probe": "true", "eval.online_probe_lr": 0.01}
 

@@ -120,8 +120,8 @@ def test_lars_matches_the_formula_over_steps_and_a_skipped_step_moves_nothing():
 def test_weight_decay_reaches_norms_and_biases_where_the_official_code_puts_it(method, recipe, decays_all):
     """SimSiam's and MoCo v1/v2's official SGD take model.parameters() whole (decay on BN and biases);
     SimCLR's and BYOL's LARS exclude them. The tuned Fashion-MNIST recipes keep what they were measured with."""
-    from selfsight.resolve import load_config
     from selfsight.engine.optim import param_groups
+    from selfsight.resolve import load_config
     cfg = load_config([recipe] if recipe else None, overrides=[f"method.name={method}"])
     assert cfg.optim.decay_all is decays_all
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
@@ -134,6 +134,7 @@ def test_the_update_after_backward_never_makes_the_host_wait(clip_mode):
     """Finiteness check, clipping and a LARS step skipped or taken on the device: no blocking upload
     and no read back (``meta`` device, conftest.HostWaits)."""
     from conftest import HostWaits
+
     from selfsight.engine.optim import LARS, gradients_finite, param_groups, step_unless_nonfinite
     nn = torch.nn
     net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).to("meta")

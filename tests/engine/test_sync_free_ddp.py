@@ -3,10 +3,10 @@ one rank only skips the step on both; a time budget stops both at the same step 
 STOP_SYNC_EVERY steps)."""
 import pytest
 import torch
-
 from conftest import run_on_gloo, tiny_overrides
-from selfsight.resolve import load_config
+
 from selfsight.engine.trainer import STOP_SYNC_EVERY, Trainer
+from selfsight.resolve import load_config
 
 
 def _worker(rank, run_dir, dataset, budget):

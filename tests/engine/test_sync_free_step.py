@@ -6,10 +6,10 @@ import contextlib
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
-from selfsight.resolve import load_config
+
 from selfsight.engine.trainer import Trainer
+from selfsight.resolve import load_config
 
 READS = ("__bool__", "item", "tolist", "__float__", "__int__")
 METHODS = {

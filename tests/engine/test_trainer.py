@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
-from selfsight.resolve import load_config
+
 from selfsight.engine.optim import LARS, param_groups
-from selfsight.schedules import cosine, scaled_lr
 from selfsight.engine.trainer import Trainer, TrainingError, pretrain
+from selfsight.resolve import load_config
+from selfsight.schedules import cosine, scaled_lr
 
 
 def test_simclr_learns_on_real_images(tmp_path, fmnist_small):

@@ -6,10 +6,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import normalized, tiny_overrides
+
+from selfsight.backbones.features import backbone_features
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.eval.features import backbone_features, parse_features
+from selfsight.config import parse_features
 
 
 def reference_tokens(vit: ViTBackbone, x: torch.Tensor) -> list[torch.Tensor]:
@@ -62,8 +63,8 @@ def test_parse_features_and_resnets_refuse_last_n():
 
 
 def test_cli_features_option(tmp_path, fmnist_small):
-    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
+    from selfsight.resolve import load_config
     run = tmp_path / "run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 1})), run, dataset=fmnist_small)
     base = [sys.executable, "-m", "selfsight", "eval", "knn", str(run), "--train", "fashion-mnist:test",

@@ -63,12 +63,14 @@ def test_layer_wise_lr_decay_and_no_decay_groups_on_a_tiny_vit(fmnist_small):
 @pytest.mark.slow
 def test_finetuning_beats_the_frozen_linear_probe_of_a_pretrained_run(tmp_path, fmnist, fmnist_test, fmnist_small):
     from conftest import tiny_overrides
-    from selfsight.resolve import load_config
+
+    from selfsight.backbones.features import backbone_features
     from selfsight.data import ArrayDataset
     from selfsight.engine.trainer import pretrain
-    from selfsight.eval.features import backbone_features, extract
-    from selfsight.runs import load_run
+    from selfsight.eval.features import extract
     from selfsight.eval.linear import linear_probe
+    from selfsight.resolve import load_config
+    from selfsight.runs import load_run
     out = tmp_path / "run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 30})), out, dataset=fmnist_small)
     train = ArrayDataset(fmnist.images[:3000].clone(), fmnist.labels[:3000].clone(), name="fmnist-3k")
@@ -102,8 +104,9 @@ def _folder(root, dataset, n):
 
 def test_cli_finetune_json_round_trip_on_a_vit_run_and_folders(tmp_path, fmnist_small, fmnist_test):
     from conftest import tiny_overrides
-    from selfsight.resolve import load_config
+
     from selfsight.engine.trainer import pretrain
+    from selfsight.resolve import load_config
     out = tmp_path / "vit"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 2, "backbone.name": "vit_tiny", "backbone.depth": 2,
                                                  "backbone.patch_size": 7, "optim.name": "adamw",

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import fmnist_view_pair, tiny_overrides
+
 from selfsight.eval.health import alignment, evaluate_health, health_metrics, normalized_std, rankme, uniformity
 
 
@@ -83,8 +83,8 @@ def test_rank_k_and_collapsed_embeddings():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, fmnist_small):
-    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
+    from selfsight.resolve import load_config
     out = tmp_path_factory.mktemp("health") / "run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 2})), out, dataset=fmnist_small)
     return out
@@ -114,6 +114,7 @@ def test_cli_json_round_trip(tiny_run):
 
 def test_needs_no_labels_and_reads_folders(tiny_run, fmnist_small, tmp_path):
     from PIL import Image
+
     from selfsight.data import ArrayDataset
     unlabeled = ArrayDataset(fmnist_small.images[:100].clone())
     r = evaluate_health(str(tiny_run), "unlabeled", n_images=0, device="cpu", dataset=unlabeled)

@@ -36,13 +36,14 @@ def test_pixels_of_real_images_classify_well(fmnist, fmnist_test):
 
 
 def test_unlabeled_data_is_a_clear_error(tmp_path, fmnist_small, monkeypatch):
-    from selfsight.resolve import load_config
+    from conftest import tiny_overrides
+
     from selfsight.data import ArrayDataset
     from selfsight.engine.trainer import pretrain
-    from selfsight.eval import labels, run_knn
-    from conftest import tiny_overrides
+    from selfsight.eval import knn, labels
+    from selfsight.resolve import load_config
     pretrain(load_config(overrides=tiny_overrides(**{"train.steps": 1})), tmp_path / "r", dataset=fmnist_small)
     unlabeled = ArrayDataset(fmnist_small.images[:64])
     monkeypatch.setattr(labels, "build_dataset", lambda spec, root="": unlabeled)
     with pytest.raises(ValueError, match="unlabeled"):
-        run_knn.evaluate_knn(str(tmp_path / "r"), "x", "y")
+        knn.evaluate_knn(str(tmp_path / "r"), "x", "y")

@@ -6,24 +6,24 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from selfsight.data import ArrayDataset
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, fmnist_small):
-    from selfsight.resolve import load_config
     from selfsight.engine.trainer import pretrain
+    from selfsight.resolve import load_config
     out = tmp_path_factory.mktemp("full") / "run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 2})), out, dataset=fmnist_small)
     return out
 
 
 def test_beats_chance_and_leaves_the_backbone_unchanged(tiny_run, fmnist_small, fmnist_test):
-    from selfsight.eval.features import backbone_features
-    from selfsight.runs import load_run
+    from selfsight.backbones.features import backbone_features
     from selfsight.eval.linear_full import linear_probe_full
+    from selfsight.runs import load_run
     model, _, pre = load_run(tiny_run, "cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     test = ArrayDataset(fmnist_test.images[:1000].clone(), fmnist_test.labels[:1000].clone())

@@ -43,8 +43,9 @@ def test_the_sweep_never_sees_the_test_split(pixels):
 @pytest.mark.slow
 def test_cli_linear_probe_on_a_run_and_the_pixel_baseline(tmp_path, fmnist_small):
     from conftest import tiny_overrides
-    from selfsight.resolve import load_config
+
     from selfsight.engine.trainer import pretrain
+    from selfsight.resolve import load_config
     out = tmp_path / "run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 2})), out, dataset=fmnist_small)
     rows = {}
@@ -62,6 +63,7 @@ def test_stacked_sweep_trains_each_pair_as_torch_sgd_would(pixels):
     """Each classifier of the stacked sweep equals an nn.Linear trained by torch.optim.SGD
     (momentum 0.9, weight decay on the weight only) on the same batches with the same cosine lr."""
     import math
+
     from selfsight.eval.linear import train_linear
     xtr, ytr = pixels[0][:500], pixels[1][:500]
     lrs, wds, epochs, bs = (0.01, 0.1), (0.0, 1e-3), 2, 128

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
-from selfsight.resolve import load_config
+
 from selfsight import files as ckpt
-from selfsight.files import CheckpointError, atomic_save, load_model_state, safe_load
 from selfsight.engine.trainer import Trainer, TrainingError, pretrain
+from selfsight.files import CheckpointError, atomic_save, load_model_state, safe_load
+from selfsight.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[2] / "selfsight"
 
@@ -85,7 +85,7 @@ def test_unwritable_output_is_one_cli_line(tmp_path, capsys):
 def test_code_payload_is_refused_everywhere_and_never_runs(tmp_path, fmnist_small, trained):
     from selfsight.runs import load_run
     from selfsight.targets.features import load_teacher
-    from selfsight.targets.tokens import load_tokenizer
+    from selfsight.tokenizers import load_tokenizer
     marker = tmp_path / "payload-ran"
     evil = tmp_path / "evil.pt"
     torch.save({"format_version": 1, "model": {"w": torch.zeros(2)}, "meta": Payload(marker)}, evil)
@@ -157,7 +157,7 @@ def test_hand_edited_checkpoints_are_refused_in_one_line(tmp_path, fmnist_small,
 
 def test_tokenizer_artifact_with_other_shapes_is_refused(tmp_path):
     import selfsight.tokenizers  # noqa: F401  (registers the kinds)
-    from selfsight.targets.tokens import TOKENIZERS, load_tokenizer, save_tokenizer
+    from selfsight.tokenizers import TOKENIZERS, load_tokenizer, save_tokenizer
     config = {"channels": 1, "vocab_size": 16, "dim": 8, "hidden": 8, "downsample": 4}
     tok = TOKENIZERS.get("vq")(config)
     path = tmp_path / "tokenizer.pt"

@@ -6,14 +6,13 @@ import re
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from conftest import tiny_overrides
+from hypothesis import HealthCheck, given, settings, strategies as st
+
 from selfsight.cli import main
 from selfsight.config import ConfigError, RunConfig
-from selfsight.resolve import load_config
 from selfsight.methods import METHODS
+from selfsight.resolve import load_config
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in ("method", "out")}
 KEY = re.compile(r"'(method|data|views|backbone|optim|train|eval|out)(\.[^']*)?'")     # a quoted dotted key

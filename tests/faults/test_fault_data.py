@@ -10,16 +10,15 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from conftest import tiny_overrides
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 import selfsight.data.folder as folder_mod
-from conftest import tiny_overrides
-from selfsight.resolve import load_config
 from selfsight.data.folder import ImageFolder
 from selfsight.data.images import IMAGE_EXTENSIONS
 from selfsight.engine.trainer import pretrain
+from selfsight.resolve import load_config
 
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 KINDS = ["good", "jpeg_as_png", "random", "truncated", "bomb", "wrong_ext", "loop", "outside", "dangling",

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
-from selfsight.files import safe_load
 
+from selfsight.files import safe_load
 
 EXTRA = {"mocov2": {"method.queue_size": 64}, "dino": {"method.out_dim": 256, "method.hidden_dim": 64,
                                                      "method.bottleneck_dim": 32}}

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from selfsight.config import ConfigError
-from selfsight.resolve import load_config
-from selfsight.files import safe_load
 from selfsight.engine.trainer import Trainer, TrainingError
+from selfsight.files import safe_load
+from selfsight.resolve import load_config
 
 
 def inject(monkeypatch, bad: float, at):

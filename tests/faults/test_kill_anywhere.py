@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from selfsight.files import safe_load
 
 STEPS, EVERY = 64, 4

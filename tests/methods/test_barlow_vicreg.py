@@ -2,13 +2,13 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import tiny_overrides
+
 from selfsight.backbones.resnet import ResNetBackbone
-from selfsight.resolve import load_config
 from selfsight.engine.trainer import pretrain
 from selfsight.methods.barlow_twins import BarlowTwins, BarlowTwinsParams
 from selfsight.methods.vicreg import VICReg, VICRegParams
+from selfsight.resolve import load_config
 
 
 def resnet():
@@ -40,6 +40,7 @@ def test_learns_features_on_real_images(tmp_path, fmnist_small, fmnist_test, met
     as good as random ones (a collapse would drop kNN far below); its features are measured at
     scale in docs/methods.md (linear probe 0.8804 after 10 minutes)."""
     import json
+
     from conftest import small_knn
     cfg = load_config(overrides=tiny_overrides(**{"method.name": method, "method.proj_dim": 64, "train.steps": 300,
                                                   "optim.name": "lars", "optim.lr": 0.3, "optim.base_batch": 256,

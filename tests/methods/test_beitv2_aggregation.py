@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.resolve import load_config
 from selfsight.methods import build_method
 from selfsight.methods.mim import MIM, MIMParams
+from selfsight.resolve import load_config
 from selfsight.targets import patchify
 
 

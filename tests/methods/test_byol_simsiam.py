@@ -2,13 +2,13 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import tiny_overrides
+
 from selfsight.backbones.resnet import ResNetBackbone
-from selfsight.resolve import load_config
 from selfsight.engine.trainer import pretrain
 from selfsight.methods.byol import BYOL, BYOLParams
 from selfsight.methods.simsiam import SimSiam, SimSiamParams
+from selfsight.resolve import load_config
 
 
 def resnet():

@@ -5,16 +5,16 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from selfsight.augment import BatchedViews, ViewRecipe
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.resolve import load_config
 from selfsight.engine.monitor import collapse_warning
 from selfsight.engine.trainer import pretrain
 from selfsight.losses.dino import dino_loss, teacher_probs
 from selfsight.methods.dino import DINO, DINOParams
+from selfsight.resolve import load_config
 
 SMALL = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)
 

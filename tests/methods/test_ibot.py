@@ -13,12 +13,12 @@ import torch
 from selfsight.augment import BatchedViews, ViewRecipe
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.resolve import load_config
 from selfsight.engine.trainer import Trainer, pretrain
-from selfsight.runs import load_run
 from selfsight.losses.dino import dino_loss, teacher_probs
 from selfsight.losses.ibot import ibot_patch_loss
 from selfsight.methods.ibot import IBOT, IBOTParams
+from selfsight.resolve import load_config
+from selfsight.runs import load_run
 
 SMALL = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)
 

@@ -10,11 +10,11 @@ import torch.nn as nn
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
 from selfsight.config import ConfigError
-from selfsight.resolve import load_config
 from selfsight.engine.trainer import pretrain
 from selfsight.methods import build_method
-from selfsight.runs import load_run
 from selfsight.methods.mim import MIM, MIMParams
+from selfsight.resolve import load_config
+from selfsight.runs import load_run
 from selfsight.targets import TOKENIZERS, load_tokenizer, save_tokenizer
 
 TINY = {"backbone.name": "vit_tiny", "backbone.patch_size": 4, "backbone.depth": 2, "views.size": 28,
@@ -260,7 +260,6 @@ def test_tokenizer_slot_trains_with_cross_entropy_on_masked_tokens(tmp_path, fmn
 
 
 def test_global_term_adds_nt_xent_on_two_masked_views(fmnist_small):
-    from selfsight.losses.nt_xent import nt_xent
     p = MIMParams()
     p.head.decoder_dim, p.head.decoder_depth, p.head.decoder_heads = 64, 1, 4
     p.global_term.kind, p.global_term.weight = "contrastive", 0.5

@@ -4,15 +4,15 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import tiny_overrides
+
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
-from selfsight.resolve import load_config
 from selfsight.engine.trainer import pretrain
 from selfsight.methods.moco import MoCo, MoCoParams
 from selfsight.methods.mocov3 import MoCoV3, MoCoV3Params
 from selfsight.nn.shuffle_bn import SplitBatchNorm
+from selfsight.resolve import load_config
 
 
 def resnet():

@@ -5,12 +5,12 @@ as a Python number included (``_foreach_lerp_`` with a device weight reads it ba
 device, where every upload and read is visible (conftest.HostWaits)."""
 import pytest
 import torch
-
 from conftest import HostWaits, tiny_overrides
-from selfsight.resolve import load_config
-from selfsight.methods import build_method
+
 from selfsight.masking.generators import MaskGenerator
 from selfsight.masking.views import ViewMasker
+from selfsight.methods import build_method
+from selfsight.resolve import load_config
 
 META = torch.device("meta")
 VIT = {"backbone.name": "vit_tiny", "backbone.depth": 1, "backbone.patch_size": 4}

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsight.resolve import load_config
 from selfsight.engine.trainer import pretrain
 from selfsight.methods import build_method
+from selfsight.resolve import load_config
 from selfsight.targets import load_tokenizer
 
 SMALL_TOKENIZER = {"method.vocab_size": 64, "method.hidden": 16, "method.dim": 8, "data.batch_size": 64,

@@ -2,13 +2,11 @@
 Fashion-MNIST, and the tokenizer artifact round trip."""
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import normalized
-from selfsight.targets.tokens import load_tokenizer, save_tokenizer
-from selfsight.tokenizers import DVAE
+
+from selfsight.tokenizers import DVAE, load_tokenizer, save_tokenizer
 
 PRE = {"size": 28, "mean": [0.5], "std": [0.5]}
 

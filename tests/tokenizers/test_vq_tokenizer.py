@@ -6,10 +6,9 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import normalized
-from selfsight.targets.tokens import TOKENIZERS, load_tokenizer, save_tokenizer
-from selfsight.tokenizers import VQTokenizer
+
+from selfsight.tokenizers import TOKENIZERS, VQTokenizer, load_tokenizer, save_tokenizer
 
 PRE = {"size": 28, "mean": [0.5], "std": [0.5]}
 
@@ -157,7 +156,7 @@ def test_load_tokenizer_registers_the_kinds_itself(fmnist_small, tmp_path):
     torch.save(x, tmp_path / "x.pt")
     torch.save(tok.encode(x), tmp_path / "ids.pt")
     save_tokenizer(tok, "vq", tok.config, PRE, tmp_path / "vq.pt")
-    code = ("import sys, torch\nfrom selfsight.targets.tokens import load_tokenizer\n"
+    code = ("import sys, torch\nfrom selfsight.tokenizers import load_tokenizer\n"
             f"tok, pre = load_tokenizer({str(tmp_path / 'vq.pt')!r})\n"
             f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
             f"assert torch.equal(tok.encode(x), torch.load({str(tmp_path / 'ids.pt')!r}))\nprint('ok')\n")

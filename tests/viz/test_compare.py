@@ -6,8 +6,8 @@ import statistics
 import pytest
 
 from selfsight.cli import main
-from selfsight.resolve import load_config
 from selfsight.engine.trainer import pretrain
+from selfsight.resolve import load_config
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsight.resolve import load_config
+from selfsight.backbones.features import backbone_features
 from selfsight.data import ArrayDataset
 from selfsight.engine.trainer import pretrain
-from selfsight.eval.features import backbone_features, extract
+from selfsight.eval.features import extract
+from selfsight.resolve import load_config
 from selfsight.runs import load_run
 from selfsight.viz.pictures import cls_attention, nearest_neighbours, pca_2d, write_pictures
 

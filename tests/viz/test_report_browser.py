@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from selfsight.resolve import load_config
 from selfsight.data import ArrayDataset
 from selfsight.engine.trainer import pretrain
 from selfsight.report import save_eval, write_report
+from selfsight.resolve import load_config
 from selfsight.viz.pictures import write_pictures
 
 CHROMIUM = shutil.which("chromium")
@@ -31,9 +31,11 @@ def report(tmp_path_factory, fmnist_small, fmnist_test):
     """A tiny trained run with its pictures, a real kNN result, health metrics measured here, and
     one result whose text tries to inject markup; -> (run folder, report path)."""
     from conftest import tiny_overrides
-    from selfsight.eval.features import backbone_features, extract
-    from selfsight.runs import load_run
+
+    from selfsight.backbones.features import backbone_features
+    from selfsight.eval.features import extract
     from selfsight.eval.knn import knn_accuracy
+    from selfsight.runs import load_run
     run = tmp_path_factory.mktemp("report") / "simclr-run"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 4, "train.log_every": 1})), run, dataset=fmnist_small)
     test = ArrayDataset(fmnist_test.images[:500].clone(), fmnist_test.labels[:500].clone(), classes=fmnist_test.classes)

@@ -1,20 +1,18 @@
-"""The slot for discrete targets: image tokenizers (BEiT's visual tokens).
-
-A tokenizer artifact is a plain-tensor checkpoint (loaded with ``weights_only=True``)::
+"""The tokenizer artifact, the file a trained tokenizer is handed on in (BEiT's visual tokens):
+a plain-tensor checkpoint (loaded with ``weights_only=True``)::
 
     {"format_version": 1, "kind": str, "config": dict, "state_dict": dict,
      "preprocess": {"size": int, "mean": [...], "std": [...]}}
 
 ``kind`` names a builder registered in ``TOKENIZERS`` (``builder(config) -> nn.Module``). The
 module's ``encode(x) -> B×h×w`` long ids takes images at ``preprocess`` size and normalization
-and has ``vocab_size``. ``selfsight tokenizer train`` (dVAE, VQ) registers its kinds here; a user
-can register their own.
+and has ``vocab_size``. The package registers its kinds (dVAE, VQ) here when it is imported; a user
+can register their own. Masked image modeling's token targets read artifacts through ``load_tokenizer``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from selfsight.files import CheckpointError, atomic_save, load_model_state, safe_load
@@ -30,7 +28,6 @@ def save_tokenizer(module: nn.Module, kind: str, config: dict, preprocess: dict,
 
 def load_tokenizer(path: str | Path) -> tuple[nn.Module, dict]:
     """An artifact -> (tokenizer in eval mode, its preprocess dict)."""
-    import selfsight.tokenizers  # noqa: F401 (registers dvae, vq)
     art = safe_load(path)
     if "kind" not in art or "state_dict" not in art:
         raise CheckpointError(f"{path} is a selfsight checkpoint but not a tokenizer artifact")

@@ -27,18 +27,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from selfsight.backbones.features import backbone_features
+from selfsight.config import parse_features
+from selfsight.data import num_classes_of
 from selfsight.engine.optim import step_unless_nonfinite
 from selfsight.nn.distributed import all_ranks, world_size
-
-
-def num_classes_of(dataset) -> int:
-    """The number of classes of a data source, 0 when it has no labels."""
-    if hasattr(dataset, "labeled"):                      # ImageFolder
-        return len(dataset.classes) if dataset.labeled else 0
-    labels = getattr(dataset, "labels", None)
-    if labels is None or len(labels) == 0:
-        return 0
-    return int(labels.max()) + 1 if bool((labels >= 0).any()) else 0
+from selfsight.nn.precision import autocast
 
 
 class OnlineProbe(nn.Module):
@@ -61,11 +55,10 @@ class OnlineProbe(nn.Module):
 
     @torch.no_grad()
     def _backbone_features(self, backbone: nn.Module, x: torch.Tensor, amp_dtype=None) -> torch.Tensor:
-        from selfsight.eval.features import backbone_features
         modes = [(m, m.training) for m in backbone.modules()]
         backbone.eval()
         try:
-            with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(x.device, amp_dtype):
                 return backbone_features(backbone, self.features)(x).to(self.weight.dtype)
         finally:
             for m, mode in modes:
@@ -136,7 +129,6 @@ def build_online_probe(eval_cfg, model: nn.Module, dataset, device, log=None) ->
     """The probe that ``eval.online_probe`` asks for, or None (off, no labels, or no backbone)."""
     if not eval_cfg.online_probe:
         return None
-    from selfsight.eval.features import backbone_features, parse_features
     parse_features(eval_cfg.online_probe_features)
     classes = num_classes_of(dataset)
     try:
@@ -154,7 +146,6 @@ def build_online_probe(eval_cfg, model: nn.Module, dataset, device, log=None) ->
 
 
 def _feature_dim(backbone: nn.Module, features: str) -> int:
-    from selfsight.eval.features import parse_features
     kind, n, with_mean = parse_features(features)
     d = backbone.embed_dim
     return {"cls": d, "mean": d, "cls+mean": 2 * d}.get(kind, n * d + (d if with_mean else 0))

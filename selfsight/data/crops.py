@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from selfsight.augment.batched import crop_rois, sample_crop_boxes
 from selfsight.augment.views import ViewRecipe
@@ -107,7 +108,6 @@ class DeviceJPEGDecoder:
 
 
 def _decode_all(jpegs: list[torch.Tensor], device: torch.device) -> list["torch.Tensor | None"]:
-    from torchvision.io import ImageReadMode, decode_jpeg
     try:
         return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)      # J × 3×H×W uint8
     except RuntimeError as e:               # one bad file fails the whole batch: decode one by one
@@ -155,7 +155,6 @@ def decode_and_crop(jpegs: list[torch.Tensor], boxes: torch.Tensor, views: list[
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> "torch.Tensor | None":
     """One JPEG on ``device``, else on the CPU with PIL (then moved); None when neither can read it."""
-    from torchvision.io import ImageReadMode, decode_jpeg
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as e:
