@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 PY = [sys.executable, "-m", "selfsight"]
 

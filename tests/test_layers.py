@@ -135,3 +135,16 @@ def test_imports_inside_functions_say_why():
     bare = [f"{file}:{lines[0][0]} in {fn}(): {lines[0][1].strip()}" for (file, fn), lines in lazy_imports().items()
             if not any("#" in text and any(r in text.lower() for r in LAZY_REASONS) for _, text in lines)]
     assert bare == []
+
+
+def test_no_private_name_is_imported_from_another_package():
+    """``_names`` stay inside their package: what another package needs is public (one helper)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = module_name(path, PACKAGE)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("selfsight."):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if private and part(node.module) != part(me):
+                    found.append(f"{me} imports {', '.join(private)} from {node.module}")
+    assert found == []

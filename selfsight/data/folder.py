@@ -295,128 +295,135 @@ class _Index:
         self.offsets = _offsets(blob, self.n) if self.n else np.zeros(1, dtype=np.int64)
 
 
-def _scan(root: str, follow: bool) -> _Index:
-    """Walk ``root`` with os.scandir (iterative; d_type only, lstat for images)."""
-    started = time.time_ns()
-    real_root = os.path.realpath(root)
-    counts: Counter[str] = Counter()
-    other_ext: Counter[str] = Counter()
-    first_skipped: list[str] = []
-    group_names: list[str] = []
-    group_mtimes: dict[str, int] = {}
-    per_group: dict[int, list[str]] = {-1: []}
-    root_st = os.stat(root)
-    visited = {(root_st.st_dev, root_st.st_ino)}
-    exts = IMAGE_EXTENSIONS
-    isdir, isreg = stat.S_ISDIR, stat.S_ISREG
+class _Scan:
+    """One walk of ``root`` with os.scandir (iterative; d_type only, lstat for images): the image
+    files per first-level folder, and every skipped entry counted by reason."""
 
-    def skip(reason: str, rel: str) -> None:
-        counts[reason] += 1
-        if len(first_skipped) < 5:
-            first_skipped.append(rel)
+    def __init__(self, root: str, follow: bool):
+        self.root, self.follow = root, follow
+        self.real_root = os.path.realpath(root)
+        self.started = time.time_ns()
+        self.counts: Counter[str] = Counter()
+        self.other_ext: Counter[str] = Counter()
+        self.first_skipped: list[str] = []
+        self.group_names: list[str] = []
+        self.group_mtimes: dict[str, int] = {}
+        self.per_group: dict[int, list[str]] = {-1: []}
+        self.root_st = os.stat(root)
+        self.visited = {(self.root_st.st_dev, self.root_st.st_ino)}
+        self.stack: list[tuple[str, str, int]] = [(root, "", -1)]
 
-    stack: list[tuple[str, str, int]] = [(root, "", -1)]
-    bar = Progress(None, f"indexing {root}", unit="entries")
-    while stack:
-        path, prefix, group = stack.pop()
+    def run(self) -> _Index:
+        bar = Progress(None, f"indexing {self.root}", unit="entries")
+        while self.stack:
+            self._list(*self.stack.pop(), bar)
+        bar.close()
+        return self._index()
+
+    def skip(self, reason: str, rel: str) -> None:
+        self.counts[reason] += 1
+        if len(self.first_skipped) < 5:
+            self.first_skipped.append(rel)
+
+    def _list(self, path: str, prefix: str, group: int, bar: Progress) -> None:
         try:
             it = os.scandir(path)
         except OSError as e:
             if not prefix:
-                raise ValueError(f"cannot list image folder {root}: {e}") from e
-            skip("unreadable_dir", prefix.rstrip("/"))
-            continue
-        files = per_group[group]
+                raise ValueError(f"cannot list image folder {self.root}: {e}") from e
+            self.skip("unreadable_dir", prefix.rstrip("/"))
+            return
         seen = 0
         with it:
             for entry in it:
                 seen += 1
                 if seen % 4096 == 0:
                     bar.update(4096)
-                name = entry.name
-                rel = prefix + name
-                if name[0] == ".":
-                    skip("hidden", rel)
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
-                elif entry.is_file(follow_symlinks=False):
-                    dot = name.rfind(".")
-                    ext = name[dot:].lower() if dot > 0 else ""
-                    if ext not in exts:
-                        other_ext[ext or "(none)"] += 1
-                        skip("non_image", rel)
-                    elif entry.stat(follow_symlinks=False).st_size == 0:
-                        skip("zero_byte", rel)
-                    else:
-                        files.append(rel)
-                    continue
-                elif entry.is_symlink():
-                    try:
-                        st = entry.stat()  # follows the link
-                    except OSError:
-                        skip("broken_link", rel)
-                        continue
-                    if isreg(st.st_mode):
-                        dot = name.rfind(".")
-                        ext = name[dot:].lower() if dot > 0 else ""
-                        if ext not in exts:
-                            other_ext[ext or "(none)"] += 1
-                            skip("non_image", rel)
-                        elif not follow and not _inside(os.path.realpath(entry.path), real_root):
-                            skip("outside_root", rel)
-                        elif st.st_size == 0:
-                            skip("zero_byte", rel)
-                        else:
-                            files.append(rel)
-                        continue
-                    if not isdir(st.st_mode):
-                        skip("special", rel)
-                        continue
-                    if not follow:
-                        skip("symlinked_dir", rel)
-                        continue
-                else:
-                    skip("special", rel)
-                    continue
-                # a directory (real, or a followed symlink)
-                key = (st.st_dev, st.st_ino)
-                if key in visited:
-                    skip("loop", rel)
-                    continue
-                visited.add(key)
-                g = group
-                if not prefix:
-                    g = len(group_names)
-                    group_names.append(name)
-                    group_mtimes[name] = st.st_mtime_ns
-                    per_group[g] = []
-                stack.append((entry.path, rel + "/", g))
+                st = self._entry(entry, prefix + entry.name, group)
+                if st is not None:
+                    self._descend(entry, st, prefix, group)
         bar.update(seen % 4096)
 
-    bar.close()
-    # deterministic order: root files, then each first-level folder by name
-    paths: list[str] = []
-    groups: list[np.ndarray] = []
-    for g in sorted(per_group, key=lambda g: (g >= 0, group_names[g] if g >= 0 else "")):
-        lst = per_group[g]
-        lst.sort()
-        paths += lst
-        groups.append(np.full(len(lst), g, dtype=np.int32))
-    blob = "\0".join(paths).encode("utf-8", "surrogateescape")
-    info = {
-        "root": root,
-        "follow_symlinks": follow,
-        "extensions": sorted(exts),
-        "scanned_ns": started,
-        "root_mtime_ns": root_st.st_mtime_ns,
-        "dir_mtimes_ns": group_mtimes,
-        "groups": group_names,
-        "counts": dict(counts),
-        "other_extensions": dict(other_ext.most_common(10)),
-        "first_skipped": first_skipped,
-    }
-    return _Index(blob, np.concatenate(groups), info)
+    def _entry(self, entry: os.DirEntry, rel: str, group: int) -> os.stat_result | None:
+        """File an entry (an image of the group, or skipped); the stat of a directory to descend."""
+        if entry.name[0] == ".":
+            self.skip("hidden", rel)
+            return None
+        if entry.is_dir(follow_symlinks=False):
+            return entry.stat(follow_symlinks=False)
+        if entry.is_file(follow_symlinks=False):
+            self._file(rel, entry.name, group, lambda: entry.stat(follow_symlinks=False).st_size, outside=False)
+            return None
+        if not entry.is_symlink():
+            self.skip("special", rel)
+            return None
+        try:
+            st = entry.stat()  # follows the link
+        except OSError:
+            self.skip("broken_link", rel)
+            return None
+        if stat.S_ISREG(st.st_mode):
+            outside = not self.follow and not _inside(os.path.realpath(entry.path), self.real_root)
+            self._file(rel, entry.name, group, lambda: st.st_size, outside)
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            self.skip("special", rel)
+        elif not self.follow:
+            self.skip("symlinked_dir", rel)
+        else:
+            return st
+        return None
+
+    def _file(self, rel: str, name: str, group: int, size, outside: bool) -> None:
+        """The one check of a file: an image extension, inside the root (links), not empty."""
+        dot = name.rfind(".")
+        ext = name[dot:].lower() if dot > 0 else ""
+        if ext not in IMAGE_EXTENSIONS:
+            self.other_ext[ext or "(none)"] += 1
+            self.skip("non_image", rel)
+        elif outside:
+            self.skip("outside_root", rel)
+        elif size() == 0:
+            self.skip("zero_byte", rel)
+        else:
+            self.per_group[group].append(rel)
+
+    def _descend(self, entry: os.DirEntry, st: os.stat_result, prefix: str, group: int) -> None:
+        """A directory (real, or a followed symlink): walked once; a first-level one starts a group."""
+        rel = prefix + entry.name
+        key = (st.st_dev, st.st_ino)
+        if key in self.visited:
+            self.skip("loop", rel)
+            return
+        self.visited.add(key)
+        if not prefix:
+            group = len(self.group_names)
+            self.group_names.append(entry.name)
+            self.group_mtimes[entry.name] = st.st_mtime_ns
+            self.per_group[group] = []
+        self.stack.append((entry.path, rel + "/", group))
+
+    def _index(self) -> _Index:
+        """Deterministic order: root files, then each first-level folder by name."""
+        paths: list[str] = []
+        groups: list[np.ndarray] = []
+        names = self.group_names
+        for g in sorted(self.per_group, key=lambda g: (g >= 0, names[g] if g >= 0 else "")):
+            lst = self.per_group[g]
+            lst.sort()
+            paths += lst
+            groups.append(np.full(len(lst), g, dtype=np.int32))
+        blob = "\0".join(paths).encode("utf-8", "surrogateescape")
+        info = {"root": self.root, "follow_symlinks": self.follow, "extensions": sorted(IMAGE_EXTENSIONS),
+                "scanned_ns": self.started, "root_mtime_ns": self.root_st.st_mtime_ns,
+                "dir_mtimes_ns": self.group_mtimes, "groups": names, "counts": dict(self.counts),
+                "other_extensions": dict(self.other_ext.most_common(10)), "first_skipped": self.first_skipped}
+        return _Index(blob, np.concatenate(groups), info)
+
+
+def _scan(root: str, follow: bool) -> _Index:
+    """Walk ``root`` once (``_Scan``)."""
+    return _Scan(root, follow).run()
 
 
 def _inside(path: str, real_root: str) -> bool:

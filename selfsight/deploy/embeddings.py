@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from selfsight.data.folder import ImageFolder
 from selfsight.data.images import BrokenImageError, load_image
 from selfsight.deploy.load import features, load_backbone
 from selfsight.files import atomic_write
+from selfsight.progress import Progress
 
 log = logging.getLogger("selfsight.deploy")
 
@@ -130,7 +130,7 @@ def embed(model, folder: str | Path, out: str | Path, batch_size: int = 256, wor
     done = [i for i in range(n_shards) if (parts / f"shard-{i:05d}.json").exists()]
     todo = sorted(set(range(n_shards)) - set(done))
     reused_images = sum(min(shard_size, len(names) - i * shard_size) for i in done)
-    bar = tqdm(total=len(names), initial=reused_images, unit="img", desc="embed", disable=not progress)
+    bar = Progress(len(names), "embedding", enabled=progress, initial=reused_images)
     if max_shards is not None:
         todo = todo[:max_shards]
     # one loader over every missing shard (workers start once); batches never cross a shard's end

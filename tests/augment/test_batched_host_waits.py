@@ -4,7 +4,7 @@ Run on the ``meta`` device, where every upload and read is visible (conftest.Hos
 import pytest
 import torch
 
-from conftest import HostWaits
+from helpers import HostWaits
 from selfsight.augment import BatchedViews, ViewRecipe
 from selfsight.nn.device import device_constant, to_device
 

@@ -5,7 +5,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from conftest import normalized
+from helpers import normalized
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import gpu_throughput as gt  # noqa: E402
 import scaling  # noqa: E402
-from conftest import tiny_overrides  # noqa: E402
+from helpers import tiny_overrides  # noqa: E402
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),

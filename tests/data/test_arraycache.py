@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from PIL import Image
 
 import selfsight.data.folder as folder_mod

@@ -5,7 +5,7 @@ folder path (uint8 worker crops finished on the device). Real Fashion-MNIST imag
 import torch
 from PIL import Image
 
-from conftest import HostWaits
+from helpers import HostWaits
 from selfsight.augment import ViewRecipe
 from selfsight.data import ArrayDataset
 from selfsight.data.folder import ImageFolder

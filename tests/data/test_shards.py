@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from selfsight.augment import ViewRecipe
 from selfsight.data import ArrayDataset, build_dataset
 from selfsight.data.loader import ViewLoader

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from PIL import Image
 
 import selfsight
@@ -51,7 +51,7 @@ def test_public_api_end_to_end(tmp_path, fmnist_small, fmnist_test):
 
 def test_export_keeps_the_backbone_evaluation_uses(tmp_path, fmnist_small, fmnist_test):
     """DINO evaluates its EMA teacher: the export holds the teacher's weights, not the student's."""
-    from conftest import normalized
+    from helpers import normalized
 
     from selfsight.data import ArrayDataset
     from selfsight.runs import load_run

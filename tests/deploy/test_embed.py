@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import normalized, tiny_overrides
+from helpers import normalized, tiny_overrides
 from PIL import Image
 
 from selfsight.data import ArrayDataset

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torchvision
-from conftest import normalized, tiny_overrides
+from helpers import normalized, tiny_overrides
 from safetensors import safe_open
 from safetensors.torch import load_file
 

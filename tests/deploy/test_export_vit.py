@@ -5,7 +5,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import normalized, tiny_overrides
+from helpers import normalized, tiny_overrides
 from safetensors.torch import load_file
 
 from selfsight.backbones.vit import ViTBackbone

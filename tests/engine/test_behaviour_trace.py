@@ -19,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_overrides  # noqa: E402
+from helpers import tiny_overrides  # noqa: E402
 
 REFERENCE = Path(__file__).with_name("behaviour_traces.json")
 STEPS = 30

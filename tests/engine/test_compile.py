@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.engine.trainer import Trainer
 from selfsight.files import safe_load
@@ -110,7 +110,7 @@ def _compile_agreement_worker(rank, run_dir, dataset, failing_rank):
 
 @pytest.mark.parametrize("failing_rank", [1, -1])
 def test_ranks_agree_to_run_eagerly_when_one_cannot_compile(tmp_path, fmnist_small, failing_rank):
-    from conftest import run_on_gloo
+    from helpers import run_on_gloo
     run_dir = tmp_path / "run"
     (tmp_path / "gloo").mkdir()
     out = run_on_gloo(_compile_agreement_worker, tmp_path / "gloo", run_dir, fmnist_small, failing_rank,

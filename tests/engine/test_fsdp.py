@@ -7,7 +7,7 @@
   not, and a DDP checkpoint is refused by a sharded run with one line."""
 import pytest
 import torch
-from conftest import run_on_gloo
+from helpers import run_on_gloo
 
 from selfsight.engine.sharding import shard_units
 from selfsight.engine.trainer import Trainer
@@ -46,7 +46,7 @@ def _sharded_worker(rank, views):
 
 @pytest.mark.slow
 def test_sharded_dino_equals_one_process_with_the_global_batch(tmp_path, fmnist_small):
-    from conftest import fmnist_view_pair
+    from helpers import fmnist_view_pair
     views = fmnist_view_pair(fmnist_small, n=8)
     sharded = run_on_gloo(_sharded_worker, tmp_path, views, world=WORLD)
     model = make_dino()

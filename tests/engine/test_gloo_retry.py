@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import run_on_gloo
+from helpers import run_on_gloo
 
 
 def _abort_once(rank, run_dir, marker):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.engine.monitor import collapse_warning, embedding_stats, rankme
 from selfsight.engine.trainer import pretrain

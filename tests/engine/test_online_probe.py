@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.config import ConfigError
 from selfsight.data import num_classes_of
@@ -121,7 +121,7 @@ def test_a_probe_step_reads_nothing_back_and_skips_bad_batches_on_the_device(fmn
     read back of any value (reads of CPU tensors counted: the step runs the same on a GPU), and a
     batch with one labeled sample or a NaN feature leaves parameters, Adam state, running statistics
     and sums as they were."""
-    from conftest import HostWaits
+    from helpers import HostWaits
     x = fmnist_small.images[:32].double() / 255
     y = fmnist_small.labels[:32].clone()
     y[::3] = -1
@@ -172,7 +172,7 @@ def test_two_processes_average_the_probe_gradients(tmp_path, fmnist_small):
     """Under DDP each process's probe takes the mean of the two processes' gradients (its BatchNorm on
     its own half, as each process's backbone BN): both end identical, equal to one process that averages
     the two halves' gradients itself; the logged statistics cover both halves."""
-    from conftest import run_on_gloo
+    from helpers import run_on_gloo
     x = (fmnist_small.images[:64].double() / 255)
     y = fmnist_small.labels[:64]
     got = run_on_gloo(_probe_worker, tmp_path, x, y)

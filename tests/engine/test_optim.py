@@ -133,7 +133,7 @@ def test_weight_decay_reaches_norms_and_biases_where_the_official_code_puts_it(m
 def test_the_update_after_backward_never_makes_the_host_wait(clip_mode):
     """Finiteness check, clipping and a LARS step skipped or taken on the device: no blocking upload
     and no read back (``meta`` device, conftest.HostWaits)."""
-    from conftest import HostWaits
+    from helpers import HostWaits
 
     from selfsight.engine.optim import LARS, gradients_finite, param_groups, step_unless_nonfinite
     nn = torch.nn

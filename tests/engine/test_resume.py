@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 ARGS = tiny_overrides(**{"train.deterministic": "true", "train.checkpoint_every": 10, "train.log_every": 1,
                          "train.threads": 1})

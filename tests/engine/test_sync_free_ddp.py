@@ -3,7 +3,7 @@ one rank only skips the step on both; a time budget stops both at the same step 
 STOP_SYNC_EVERY steps)."""
 import pytest
 import torch
-from conftest import run_on_gloo, tiny_overrides
+from helpers import run_on_gloo, tiny_overrides
 
 from selfsight.engine.trainer import STOP_SYNC_EVERY, Trainer
 from selfsight.resolve import load_config

@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.engine.trainer import Trainer
 from selfsight.resolve import load_config

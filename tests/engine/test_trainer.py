@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.engine.optim import LARS, param_groups
 from selfsight.engine.trainer import Trainer, TrainingError, pretrain

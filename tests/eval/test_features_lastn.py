@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import normalized, tiny_overrides
+from helpers import normalized, tiny_overrides
 
 from selfsight.backbones.features import backbone_features
 from selfsight.backbones.vit import ViTBackbone

@@ -62,7 +62,7 @@ def test_layer_wise_lr_decay_and_no_decay_groups_on_a_tiny_vit(fmnist_small):
 
 @pytest.mark.slow
 def test_finetuning_beats_the_frozen_linear_probe_of_a_pretrained_run(tmp_path, fmnist, fmnist_test, fmnist_small):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     from selfsight.backbones.features import backbone_features
     from selfsight.data import ArrayDataset
@@ -103,7 +103,7 @@ def _folder(root, dataset, n):
 
 
 def test_cli_finetune_json_round_trip_on_a_vit_run_and_folders(tmp_path, fmnist_small, fmnist_test):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     from selfsight.engine.trainer import pretrain
     from selfsight.resolve import load_config
@@ -147,3 +147,29 @@ def test_head_norm_standardises_what_the_head_sees(fmnist_small):
     with pytest.raises(ValueError, match="head_norm"):
         Classifier(net, 10, in_chans=1, size=28, head_norm="ln")
 
+
+
+def test_simclr_v2_fine_tunes_the_encoder_with_its_first_projector_layer(tmp_path, fmnist_small, fmnist_test):
+    """SimCLR v2's ``finetune_head_layers=1`` (``finetune_network`` hook, ``ft_proj_selector``): the
+    network fine-tuned is the encoder followed by the projector's first layer."""
+    import torch.nn as nn
+    from helpers import tiny_overrides
+    from selfsight.data import ArrayDataset
+    from selfsight.engine.trainer import pretrain
+    from selfsight.eval.finetune import FinetuneSettings, finetune, prepare
+    from selfsight.resolve import load_config
+    run = tmp_path / "v2"
+    pretrain(load_config(None, tiny_overrides(**{"train.steps": 2, "method.version": 2,
+                                                 "method.finetune_head_layers": 1})), run, dataset=fmnist_small)
+    train = ArrayDataset(fmnist_small.images[:256].clone(), fmnist_small.labels[:256].clone())
+    test = ArrayDataset(fmnist_test.images[:128].clone(), fmnist_test.labels[:128].clone())
+    job = prepare(str(run), train, test, FinetuneSettings(epochs=1, batch_size=64, device="cpu", workers=0))
+    net = job.clf.backbone
+    assert isinstance(net, nn.Sequential) and isinstance(net[1], nn.Linear) and net[1].out_features == 64
+    trained = {id(p) for g in job.opt.param_groups for p in g["params"]}
+    assert id(net[1].weight) in trained
+    assert job.clf.head.in_features == 64                    # the projector layer's width, not the encoder's
+    res = finetune(str(run), train, test, epochs=1, batch_size=64, device="cpu", workers=0)
+    assert 0 <= res["top1"] <= 1
+    with pytest.raises(ValueError, match="use --features cls"):
+        prepare(str(run), train, test, FinetuneSettings(epochs=1, batch_size=64, features="mean", device="cpu"))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import fmnist_view_pair, tiny_overrides
+from helpers import fmnist_view_pair, tiny_overrides
 
 from selfsight.eval.health import alignment, evaluate_health, health_metrics, normalized_std, rankme, uniformity
 

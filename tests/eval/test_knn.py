@@ -36,7 +36,7 @@ def test_pixels_of_real_images_classify_well(fmnist, fmnist_test):
 
 
 def test_unlabeled_data_is_a_clear_error(tmp_path, fmnist_small, monkeypatch):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     from selfsight.data import ArrayDataset
     from selfsight.engine.trainer import pretrain

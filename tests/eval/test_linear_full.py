@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.data import ArrayDataset
 

@@ -42,7 +42,7 @@ def test_the_sweep_never_sees_the_test_split(pixels):
 
 @pytest.mark.slow
 def test_cli_linear_probe_on_a_run_and_the_pixel_baseline(tmp_path, fmnist_small):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     from selfsight.engine.trainer import pretrain
     from selfsight.resolve import load_config

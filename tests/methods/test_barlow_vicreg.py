@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.engine.trainer import pretrain
@@ -41,7 +41,7 @@ def test_learns_features_on_real_images(tmp_path, fmnist_small, fmnist_test, met
     scale in docs/methods.md (linear probe 0.8804 after 10 minutes)."""
     import json
 
-    from conftest import small_knn
+    from helpers import small_knn
     cfg = load_config(overrides=tiny_overrides(**{"method.name": method, "method.proj_dim": 64, "train.steps": 300,
                                                   "optim.name": "lars", "optim.lr": 0.3, "optim.base_batch": 256,
                                                   "optim.weight_decay": 1e-4, "train.log_every": 20}))

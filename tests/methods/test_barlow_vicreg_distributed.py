@@ -4,7 +4,7 @@ gathered batch): loss and every gradient, in float64."""
 import pytest
 import torch
 
-from conftest import fmnist_view_pair, run_on_gloo
+from helpers import fmnist_view_pair, run_on_gloo
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.methods.barlow_twins import BarlowTwins, BarlowTwinsParams
 from selfsight.methods.vicreg import VICReg, VICRegParams

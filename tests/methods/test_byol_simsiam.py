@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.engine.trainer import pretrain
@@ -84,7 +84,7 @@ def test_simsiam_predictor_keeps_the_base_lr(tmp_path, fmnist_small):
     ("byol", {"method.hidden_dim": 256, "method.dim": 64, "method.momentum": 0.99, "optim.lr": 0.3}),
 ])
 def test_learns_features_on_real_images(tmp_path, fmnist_small, fmnist_test, method, extra):
-    from conftest import small_knn
+    from helpers import small_knn
     cfg = load_config(overrides=tiny_overrides(**{"method.name": method, "train.steps": 300, **extra}))
     pretrain(cfg, tmp_path / "run", dataset=fmnist_small)
     acc = small_knn(tmp_path / "run", fmnist_small, fmnist_test)

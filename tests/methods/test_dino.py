@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.augment import BatchedViews, ViewRecipe
 from selfsight.backbones.resnet import ResNetBackbone
@@ -137,7 +137,7 @@ def test_monitor_reports_uniform_and_one_hot_collapse_and_stays_quiet_when_healt
 
 @pytest.mark.slow
 def test_dino_learns_features_on_real_images(tmp_path, fmnist_small, fmnist_test):
-    from conftest import small_knn
+    from helpers import small_knn
     cfg = load_config(overrides=tiny_overrides(**{
         "method.name": "dino", "method.out_dim": 1024, "method.hidden_dim": 256, "method.bottleneck_dim": 64,
         "method.momentum": 0.99, "method.teacher_temp_warmup_epochs": 1, "method.freeze_last_layer": 0.2,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import run_on_gloo
+from helpers import run_on_gloo
 from selfsight.augment import BatchedViews, ViewRecipe
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.losses.dino import update_center

@@ -5,7 +5,7 @@ batch: about half the images unmasked, the others 10-50 % in blocks)."""
 import pytest
 import torch
 
-from conftest import run_on_gloo
+from helpers import run_on_gloo
 from selfsight.augment import BatchedViews, ViewRecipe
 from selfsight.backbones.vit import ViTBackbone
 from selfsight.losses.dino import update_center

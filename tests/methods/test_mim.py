@@ -44,7 +44,7 @@ def batch_of(fmnist_small, n=8, views=1):
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory, fmnist_small):
     """A selfsight run (SimCLR, resnet10) to serve as a frozen teacher."""
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     out = tmp_path_factory.mktemp("teacher") / "run"
     cfg = load_config(None, tiny_overrides(**{"method.name": "simclr", "train.steps": 3}))
     pretrain(cfg, out, dataset=fmnist_small)

@@ -5,7 +5,7 @@ mean over a rank's masked patches averages to the global one)."""
 import pytest
 import torch
 
-from conftest import run_on_gloo
+from helpers import run_on_gloo
 from selfsight.augment import BatchedViews, ViewRecipe
 from selfsight.backbones.vit import ViTBackbone
 from selfsight.masking import MaskGenerator

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
@@ -118,7 +118,7 @@ def test_mocov2_learns_features_on_real_images(tmp_path, fmnist_small, fmnist_te
     """kNN on 1,000 test images (bank: the 2,048 training images) beats the same network at
     random init. (MoCo's loss is no progress measure: it rises while real keys replace the
     random queue.) Measured: random init 0.623, 200 steps 0.654, 400 steps 0.677."""
-    from conftest import small_knn
+    from helpers import small_knn
     cfg = load_config(overrides=tiny_overrides(**{"method.name": "mocov2", "train.steps": 300,
                                                   "method.queue_size": 1024, "method.head_hidden_dim": 128,
                                                   "optim.lr": 0.3}))

@@ -8,7 +8,7 @@
 import pytest
 import torch
 
-from conftest import fmnist_view_pair, run_on_gloo
+from helpers import fmnist_view_pair, run_on_gloo
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.methods.moco import MoCo, MoCoParams
 from selfsight.methods.mocov3 import MoCoV3, MoCoV3Params

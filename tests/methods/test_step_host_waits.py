@@ -5,7 +5,7 @@ as a Python number included (``_foreach_lerp_`` with a device weight reads it ba
 device, where every upload and read is visible (conftest.HostWaits)."""
 import pytest
 import torch
-from conftest import HostWaits, tiny_overrides
+from helpers import HostWaits, tiny_overrides
 
 from selfsight.masking.generators import MaskGenerator
 from selfsight.masking.views import ViewMasker

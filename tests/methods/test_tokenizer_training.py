@@ -70,7 +70,7 @@ def test_dvae_temperature_is_annealed_per_step(tmp_path, fmnist_small):
 
 
 def test_vqkd_distils_a_frozen_teacher_run_that_is_not_checkpointed(tmp_path, fmnist_small):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     teacher = tmp_path / "teacher"
     pretrain(load_config(None, tiny_overrides(**{"method.name": "simclr", "train.steps": 2})), teacher,
              dataset=fmnist_small)

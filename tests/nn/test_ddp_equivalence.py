@@ -4,7 +4,7 @@ the global batch: SimCLR's loss, every parameter gradient and BN running statist
 import pytest
 import torch
 
-from conftest import fmnist_view_pair, run_on_gloo
+from helpers import fmnist_view_pair, run_on_gloo
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.methods.simclr import SimCLR, SimCLRParams
 from selfsight.nn.distributed import gather_no_grad, gather_with_grad

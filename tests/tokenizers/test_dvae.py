@@ -4,7 +4,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from conftest import normalized
+from helpers import normalized
 
 from selfsight.tokenizers import DVAE, load_tokenizer, save_tokenizer
 

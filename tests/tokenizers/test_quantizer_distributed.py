@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from conftest import run_on_gloo
+from helpers import run_on_gloo
 from selfsight.tokenizers import VectorQuantizer
 
 WORLD, K, D = 2, 16, 8

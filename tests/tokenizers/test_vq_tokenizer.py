@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from conftest import normalized
+from helpers import normalized
 
 from selfsight.tokenizers import TOKENIZERS, VQTokenizer, load_tokenizer, save_tokenizer
 

@@ -31,7 +31,7 @@ def test_images(fmnist_test):
 
 @pytest.fixture(scope="module")
 def resnet_run(tmp_path_factory, fmnist_small):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     out = tmp_path_factory.mktemp("viz") / "simclr"
     pretrain(load_config(None, tiny_overrides(**{"train.steps": 2, "train.log_every": 1})), out, dataset=fmnist_small)
     return out

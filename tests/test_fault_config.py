@@ -6,7 +6,7 @@ import re
 
 import pytest
 import yaml
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from selfsight.cli import main

@@ -12,7 +12,7 @@ from selfsight.resolve import load_config
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, fmnist_small):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     root = tmp_path_factory.mktemp("compare")
     made = {}
     for name, extra in (("simclr", {}), ("byol", {"method.name": "byol"})):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.files import safe_load
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 from selfsight.config import ConfigError
 from selfsight.engine.trainer import Trainer, TrainingError

@@ -30,7 +30,7 @@ NASTY = "<script>alert('x')</script> & \"quotes\""
 def report(tmp_path_factory, fmnist_small, fmnist_test):
     """A tiny trained run with its pictures, a real kNN result, health metrics measured here, and
     one result whose text tries to inject markup; -> (run folder, report path)."""
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     from selfsight.backbones.features import backbone_features
     from selfsight.eval.features import extract

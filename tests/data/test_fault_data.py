@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
