@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from selfsight import __version__
-from selfsight.config import FEATURES_HELP, parse_features, recipes_dir
+from selfsight.config import FEATURES_HELP, check_sections, parse_features, read_sources, recipes_dir
 
 
 def _setup_logging() -> None:
@@ -81,7 +81,6 @@ def _run_config(args, flags: dict, recipe: str | None):
     """The run's config: its saved config when resuming, else --config or the bundled ``recipe``,
     then the CLI flags and key=value overrides. A budget given with --resume replaces the saved
     one (steps, epochs and minutes together): the run then trains to the new budget."""
-    from selfsight.resolve import load_config  # lazy: keeps selfsight --help free of torch
     _check_resume(args)
     files = []
     saved = Path(args.out) / "config.yaml"
@@ -98,7 +97,10 @@ def _run_config(args, flags: dict, recipe: str | None):
         files.append(recipe)
     if args.resume and args.config and saved.exists():
         files.append(args.config)
-    return load_config(files, args.overrides, flags)
+    tree = read_sources(files, args.overrides, flags)
+    check_sections(tree)                    # typos outside the method section fail before torch loads
+    from selfsight.resolve import build_config  # lazy: keeps selfsight --help and these checks free of torch
+    return build_config(tree)
 
 
 def _exit_code(result: dict) -> int:
@@ -108,7 +110,6 @@ def _exit_code(result: dict) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from selfsight.engine.trainer import pretrain  # lazy: keeps selfsight --help free of torch
     flags: dict = {}
     if args.method:
         flags.setdefault("method", {})["name"] = args.method
@@ -116,6 +117,7 @@ def cmd_pretrain(args) -> int:
         flags.setdefault("backbone", {})["name"] = args.backbone
     cfg = _run_config(args, _budget_flags(args, flags),
                       default_recipe(args.method or "simclr", args.data or "fashion-mnist"))
+    from selfsight.engine.trainer import pretrain  # lazy: keeps --help and the config checks free of torch
     result = pretrain(cfg, args.out, resume=args.resume)
     print(json.dumps(result))
     return _exit_code(result)
@@ -123,7 +125,6 @@ def cmd_pretrain(args) -> int:
 
 def cmd_tokenizer_train(args) -> int:
     """Train a dVAE, VQ-VAE or VQ-KD tokenizer; writes RUN/tokenizer.pt (docs/tokenizers.md)."""
-    from selfsight.engine.trainer import pretrain  # lazy: keeps selfsight --help free of torch
     method = {"name": "tokenizer", "kind": "dvae" if args.kind == "dvae" else "vq",
               "target": "teacher" if args.kind == "vqkd" else "pixels"}
     if args.teacher:
@@ -134,6 +135,7 @@ def cmd_tokenizer_train(args) -> int:
                          "with method.teacher_weights=FILE")
     cfg = _run_config(args, _budget_flags(args, {"method": method}),
                       default_recipe(f"tokenizer_{args.kind}", args.data or "fashion-mnist"))
+    from selfsight.engine.trainer import pretrain  # lazy: keeps --help and the config checks free of torch
     result = pretrain(cfg, args.out, resume=args.resume)
     result["tokenizer"] = str(Path(args.out) / "tokenizer.pt")
     print(json.dumps(result))

@@ -389,6 +389,28 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def read_sources(files: list[str] | None = None, overrides: list[str] | dict | None = None,
+                 flags: dict | None = None) -> dict:
+    """The raw config tree of a run, merged in order: YAML ``files`` (paths or bundled recipe
+    names), ``flags`` (from CLI options), ``key=value`` overrides."""
+    tree: dict = {}
+    for f in files or []:
+        tree = merge(tree, read_yaml(f))
+    if flags:
+        tree = merge(tree, flags)
+    if overrides:
+        tree = merge(tree, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    return tree
+
+
+def check_sections(tree: dict) -> None:
+    """Every section but ``method`` checked against the schema (unknown keys, types, rules), without
+    the method registry and so without torch: a typo in a data, views, backbone, optim, train or eval
+    key fails at once (``resolve.build_config`` then checks everything, the method included)."""
+    cfg = from_dict(RunConfig, {k: v for k, v in tree.items() if k != "method"})
+    check_fields(cfg)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -8,7 +8,7 @@ keys enqueued per step, a masked-image method without a ViT). A bad value stops 
 from __future__ import annotations
 
 from selfsight.backbones import BACKBONES
-from selfsight.config import ConfigError, RunConfig, check_fields, from_dict, merge, parse_overrides, read_yaml
+from selfsight.config import ConfigError, RunConfig, check_fields, from_dict, merge, read_sources
 from selfsight.methods import METHODS
 
 
@@ -60,12 +60,5 @@ def build_config(tree: dict, resolved: bool = False) -> RunConfig:
 def load_config(files: list[str] | None = None, overrides: list[str] | dict | None = None,
                 flags: dict | None = None) -> RunConfig:
     """Merge, in order: YAML ``files`` (paths or bundled recipe names), ``flags`` (from CLI options),
-    ``key=value`` overrides; then ``build_config``."""
-    tree: dict = {}
-    for f in files or []:
-        tree = merge(tree, read_yaml(f))
-    if flags:
-        tree = merge(tree, flags)
-    if overrides:
-        tree = merge(tree, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    return build_config(tree)
+    ``key=value`` overrides (``config.read_sources``); then ``build_config``."""
+    return build_config(read_sources(files, overrides, flags))

@@ -277,6 +277,10 @@ def test_selfsight_alone_lists_the_commands_and_help_needs_no_torch(capsys):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "budget is needed" in p.stdout
+    code = ("import sys\nfrom selfsight.cli import main\nrc = main(['pretrain', '--out', 'r', 'views.size=-3'])\n"
+            "assert rc == 2 and 'torch' not in sys.modules, (rc, 'torch' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and "'views.size' must be >= 0" in p.stderr, p.stderr     # a bad key fails without torch
 
 
 def test_every_option_has_help():
