@@ -54,13 +54,20 @@ def _tree(overrides) -> dict:
 
 
 def evaluate(run: str | Path, train: str = "fashion-mnist", test: str = "fashion-mnist:test",
-             protocol: str = "knn", **options) -> dict:
+             protocol: str = "knn", backbone=None, **options) -> dict:
     """Accuracy of a run's backbone: ``protocol="knn"`` (weighted kNN, DINO's protocol; options k,
     temperature, ...), ``"linear"`` (linear probe on frozen features; options epochs, ...) or
     ``"finetune"`` (the whole backbone trained on ``train``; options epochs, lr, layer_decay, ...);
     ``baseline="pixels"|"random"`` evaluates a baseline instead. ``"health"`` gives the label-free
     metrics of the backbone on ``train`` (RankMe, alignment, uniformity; ``test`` is unused).
-    Returns top1/top5 (or the metrics) and details."""
+    Returns top1/top5 (or the metrics) and details. ``backbone``: a new instance of the module a
+    run trained from Python (``pretrain(..., backbone=module)``), for its weights to be loaded into."""
+    from selfsight.runs import custom_backbone  # lazy: keeps import selfsight free of torch
+    with custom_backbone(backbone):
+        return _evaluate(run, train, test, protocol, options)
+
+
+def _evaluate(run, train: str, test: str, protocol: str, options: dict) -> dict:
     from selfsight.eval.knn import evaluate_knn  # lazy: keeps import selfsight free of torch
     from selfsight.eval.linear import evaluate_linear
     if protocol == "knn":

@@ -236,7 +236,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """The evaluation backbone alone: safetensors / torchvision / timm / ONNX (docs/api.md)."""
+    """The evaluation backbone alone: safetensors / torchvision / timm / hub folder / ONNX (docs/api.md)."""
     from selfsight.deploy import export  # lazy: keeps selfsight --help free of torch
     meta = export(args.run, args.out, args.format)
     if args.json:
@@ -254,6 +254,10 @@ def _load_hint(meta: dict, fmt: str, out: str) -> str:
         return (f"onnxruntime.InferenceSession({out!r}).run(None, {{'image': x}}) with x float32 "
                 f"B×{meta['channels']}×{meta['image_size']}×{meta['image_size']}, normalized as {out}.json says "
                 "(selfsight.load_backbone reads safetensors/torch exports and runs)")
+    if fmt == "hf":
+        if "timm" in meta:
+            return f"timm.create_model('local-dir:{out}', pretrained=True), or selfsight.load_backbone({out!r})"
+        return f"selfsight.load_backbone({out!r}) (torchvision state in {out}/model.safetensors)"
     read = f"safetensors.torch.load_file({out!r})" if out.lower().endswith(".safetensors") \
         else f"torch.load({out!r}, weights_only=True)"
     if fmt in ("torchvision", "timm"):
@@ -313,7 +317,9 @@ def cmd_methods(args) -> int:
     print("methods:")
     for name in METHODS.names():
         print(f"  {name:10s} {METHODS.get(name).summary}")
-    print("backbones:\n  " + ", ".join(BACKBONES.names()))
+    print("backbones:\n  " + ", ".join(BACKBONES.names())
+          + "\n  timm:NAME (any of timm.list_models()), torchvision:NAME (any of torchvision.models.list_models()),"
+          "\n  python:package.module:factory (your own network; docs/usage.md: Backbones)")
     print("recipes (--config NAME):\n  " + ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml"))))
     return 0
 
@@ -418,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "METHOD_DATA when one exists (`selfsight methods` lists them); key=value "
                                    "settings override any config key (docs/usage.md).")
     p.add_argument("--method", help="simclr, ... (see `selfsight methods`)")
-    p.add_argument("--backbone", help="resnet18, vit_small, ... (see `selfsight methods`)")
+    p.add_argument("--backbone", help="resnet18, vit_small, timm:NAME, torchvision:NAME, ... (see `selfsight methods`)")
     _run_options(p, "run folder (checkpoint, config, metrics, TensorBoard)", "optim.lr=0.1")
     p.set_defaults(func=cmd_pretrain)
 
@@ -503,14 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     cp.set_defaults(func=cmd_compare)
 
-    x = sub.add_parser("export", help="write the evaluation backbone alone (safetensors, torchvision, timm, onnx)")
+    x = sub.add_parser("export", help="write the evaluation backbone alone (safetensors, torchvision, timm, hf, "
+                                      "onnx)")
     x.add_argument("run", help="run folder or checkpoint file")
     x.add_argument("--out", required=True,
                    help="output file: .safetensors, or .pt/.pth (a torch state dict with FILE.json beside it); "
-                        ".onnx for --format onnx")
-    x.add_argument("--format", default="safetensors", choices=["safetensors", "torchvision", "timm", "onnx"],
-                   help="safetensors: selfsight's backbone; torchvision (ResNets) / timm (ViTs): their state-dict "
-                        "keys (strict=True); onnx: x -> features (default safetensors)")
+                        ".onnx for --format onnx; a folder (no suffix) for --format hf")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "torchvision", "timm", "hf", "onnx"],
+                   help="safetensors: selfsight's backbone; torchvision / timm: that library's state-dict keys "
+                        "(strict=True); hf: a timm / Hugging Face hub folder (timm.create_model('local-dir:DIR', "
+                        "pretrained=True)); onnx: x -> features (default safetensors)")
     x.add_argument("--json", action="store_true", help="print one JSON object")
     x.set_defaults(func=cmd_export)
 

@@ -127,9 +127,14 @@ class ViewsConfig:
     local_blur_p: float = setting(-1.0, unit=True, off=-1)  # -1 = 0.5 where the preset blurs, else 0
 
 
+def _freeze_choice(value: str) -> str | None:
+    ok = value in ("none", "stem") or (value.isdigit() and int(value) >= 1)
+    return None if ok else "must be none, stem, or N >= 1 (the stem and the first N stages)"
+
+
 @dataclass
 class BackboneConfig:
-    name: str = "resnet18"             # a registered backbone (checked by resolve against the registry)
+    name: str = "resnet18"             # a short name, timm:NAME, torchvision:NAME or python:module:factory
     small_stem: str = setting("auto", choices=("auto", "none", "cifar", "s2"))  # ResNets: auto (cifar for views <= 64 px, else none) | none | cifar (3x3 s1, no max-pool) | s2 (3x3 s2, no max-pool)
     width: int = setting(64, at_least=1)            # ResNets: channels of the first stage (64 = torchvision)
     zero_init_residual: bool = False   # ResNets: last BN of each residual block starts at 0 (SimSiam)
@@ -144,6 +149,12 @@ class BackboneConfig:
     sync_bn: bool = True               # SyncBatchNorm under DDP (SimCLR's global BN)
     channels_last: bool = True         # ConvNets
     grad_checkpointing: bool = False   # recompute activations in backward (timm ViT blocks, ResNet stages)
+    pretrained: bool = False           # timm:/torchvision: start from the library's pretrained weights
+    pretrained_file: str = ""          # timm: a local file of timm's own weights (pretrained_cfg_overlay)
+    weights: str = ""                  # starting weights: a .safetensors/.pth state dict, a selfsight export or run
+    weights_strict: bool = True        # a mismatch beyond the classifier stops the run (false: load what fits)
+    freeze: str = setting("none", check=_freeze_choice)   # none | stem | N: stem + first N stages get no gradient
+    lr_scale: float = setting(1.0, above=0)             # the backbone's learning rate x this (continued pretraining)
 
 
 @dataclass
@@ -392,15 +403,63 @@ def read_yaml(path: str | Path) -> dict:
 def read_sources(files: list[str] | None = None, overrides: list[str] | dict | None = None,
                  flags: dict | None = None) -> dict:
     """The raw config tree of a run, merged in order: YAML ``files`` (paths or bundled recipe
-    names), ``flags`` (from CLI options), ``key=value`` overrides."""
-    tree: dict = {}
-    for f in files or []:
-        tree = merge(tree, read_yaml(f))
+    names), ``flags`` (from CLI options), ``key=value`` overrides. A bundled recipe's settings of
+    selfsight's own networks (``OWN_NETWORK_KEYS``: its resnet10's stem and width) are left out when
+    the run's backbone is a timm, torchvision or python: model, to which they do not apply."""
+    trees = [(read_yaml(f), is_bundled(f)) for f in files or []]
     if flags:
-        tree = merge(tree, flags)
+        trees.append((flags, False))
     if overrides:
-        tree = merge(tree, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+        trees.append((overrides if isinstance(overrides, dict) else parse_overrides(overrides), False))
+    name = ""
+    for t, _ in trees:
+        if isinstance(t.get("backbone"), dict) and "name" in t["backbone"]:
+            name = t["backbone"]["name"]
+    tree: dict = {}
+    for t, bundled in trees:
+        if bundled and isinstance(name, str) and ":" in name and isinstance(t.get("backbone"), dict):
+            t = {**t, "backbone": {k: v for k, v in t["backbone"].items() if k not in OWN_NETWORK_KEYS}}
+        tree = merge(tree, t)
     return tree
+
+
+def is_bundled(path: str | Path) -> bool:
+    """A bundled recipe (a name such as ``simclr_fashion_mnist``, or a file of ``recipes_dir()``)."""
+    p = Path(path)
+    if not p.exists() and not p.suffix:
+        return (recipes_dir() / f"{p}.yaml").exists()
+    return p.resolve().parent == recipes_dir().resolve()
+
+
+# backbone keys of selfsight's own networks (resnet*, vit_*): a timm, torchvision or python: model
+# keeps its own architecture, so such a key set to another value than its default is an error
+OWN_NETWORK_KEYS = ("small_stem", "width", "zero_init_residual", "patch_size", "img_size", "pos_embed", "depth",
+                    "layer_scale", "rel_pos_bias")
+
+
+def check_backbone_keys(tree: dict, method_defaults: dict | None = None) -> None:
+    """The backbone keys of a raw config tree must apply to the backbone it names: one
+    ``ConfigError`` line otherwise. A key at its default, or at the method's recipe default
+    (``method_defaults``: MAE's sin-cos table, which a saved run config holds), is not the user's."""
+    b = tree.get("backbone") or {}
+    if not isinstance(b, dict) or not isinstance(b.get("name", ""), str):
+        return
+    name = b.get("name", BackboneConfig.name)
+    hub = name.partition(":")[0] if ":" in name else None
+    defaults, recipe = BackboneConfig(), (method_defaults or {}).get("backbone") or {}
+    if hub is not None:
+        for key in OWN_NETWORK_KEYS + (("drop_path", "grad_checkpointing") if hub != "timm" else ()):
+            if key in b and b[key] != getattr(defaults, key) and b[key] != recipe.get(key, getattr(defaults, key)):
+                timm_too = key in ("drop_path", "grad_checkpointing")
+                raise ConfigError(f"config key 'backbone.{key}' applies to selfsight's own resnet*/vit_* backbones"
+                                  + (" and timm models" if timm_too else "") + f"; {name} keeps its own architecture"
+                                  + ("" if timm_too else f" (pick a model name with the {key} you want)"))
+    if b.get("pretrained_file") and hub != "timm":
+        raise ConfigError("config key 'backbone.pretrained_file' is timm's local-file route for a timm:NAME backbone; "
+                          f"for {name} pass the file as backbone.weights=FILE")
+    if b.get("pretrained") is True and hub not in ("timm", "torchvision"):
+        raise ConfigError(f"config key 'backbone.pretrained': {name} has no library weights (only timm:NAME and "
+                          "torchvision:NAME do); start from a file with backbone.weights=FILE")
 
 
 def check_sections(tree: dict) -> None:

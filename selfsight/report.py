@@ -119,11 +119,22 @@ def run_summary(run: str | Path) -> dict:
     ips = [r["images_per_s"] for r in rows if isinstance(r.get("images_per_s"), (int, float))]
     ips = ips[1:] if len(ips) > 1 else ips
     return {"run": str(d), "name": d.name, "method": cfg.get("method", {}).get("name"),
-            "backbone": cfg.get("backbone", {}).get("name"), "steps": steps, "epochs": epochs, "minutes": minutes,
+            "backbone": _backbone(cfg.get("backbone", {})), "steps": steps, "epochs": epochs, "minutes": minutes,
             "batch_size": cfg.get("data", {}).get("batch_size"), "data": cfg.get("data", {}).get("train"),
             "images_per_s": statistics.median(ips) if ips else None,
             "knn": _score(evals, "knn"), "linear": _score(evals, "linear"), "finetune": _score(evals, "finetune"),
             **{f"{p}_test": _test_data(evals, p) for p in ("knn", "linear", "finetune")}}
+
+
+def _backbone(b: dict) -> str | None:
+    """The backbone's name and what it started from: ``timm:convnext_atto (pretrained)``,
+    ``resnet18 (from source.safetensors)``."""
+    name = b.get("name")
+    if name and b.get("weights"):
+        return f"{name} (from {Path(b['weights']).name})"
+    if name and (b.get("pretrained") or b.get("pretrained_file")):
+        return f"{name} (pretrained)"
+    return name
 
 
 def _budget(s: dict) -> str:

@@ -7,19 +7,18 @@ keys enqueued per step, a masked-image method without a ViT). A bad value stops 
 """
 from __future__ import annotations
 
-from selfsight.backbones import BACKBONES
-from selfsight.config import ConfigError, RunConfig, check_fields, from_dict, merge, read_sources
+from selfsight.backbones.factory import check_backbone_name
+from selfsight.config import ConfigError, RunConfig, check_backbone_keys, check_fields, from_dict, merge, read_sources
 from selfsight.methods import METHODS
 
 
 def validate_config(cfg: RunConfig) -> None:
     """Raise ConfigError (one line, naming the key) for the first invalid value of ``cfg``."""
     check_fields(cfg)
-    if cfg.backbone.name not in BACKBONES:
-        try:
-            BACKBONES.get(cfg.backbone.name)
-        except KeyError as e:
-            raise ConfigError(f"config key 'backbone.name': {e.args[0]}") from None
+    try:
+        check_backbone_name(cfg.backbone.name)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"config key 'backbone.name': {e.args[0]}") from None
     if cfg.method is not None:
         spec = METHODS.get(cfg.method.name)
         error = spec.check(cfg) if spec.check is not None else None
@@ -48,6 +47,7 @@ def build_config(tree: dict, resolved: bool = False) -> RunConfig:
     except KeyError as e:
         raise ConfigError(f"config key 'method.name': {e.args[0]}") from None
     if not resolved:
+        check_backbone_keys(tree, spec.defaults)
         tree = merge(spec.defaults, tree)       # the method's own recipe defaults, under the user's
     method_tree = tree.pop("method", None) or {}
     method = from_dict(spec.params, {**method_tree, "name": name}, "method.")

@@ -23,6 +23,7 @@ def tiny_overrides(**extra) -> list[str]:
     """A run small enough for tests: resnet10 of width 8 on 28 px views, fp32; the method's own
     fields of ``TINY_METHOD`` where its parameter dataclass has them."""
     from dataclasses import fields
+
     from selfsight.methods import METHODS
     params = {f.name for f in fields(METHODS.get(extra.get("method.name", "simclr")).params)}
     base = {**TINY, **{f"method.{k}": v for k, v in TINY_METHOD.items() if k in params}, **extra}
@@ -163,3 +164,22 @@ class HostWaits:
         for name, fn in self._saved.items():
             setattr(torch, name, fn)
         return False
+
+
+def cifar_samples():
+    """The 40 real CIFAR-10/100 test images (32×32 RGB PNGs) foolbox's wheel ships, as an
+    ``ArrayDataset`` labeled by their set (0: CIFAR-10, 1: CIFAR-100); skips when foolbox is missing."""
+    import importlib.util
+
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from selfsight.data import ArrayDataset
+    spec = importlib.util.find_spec("foolbox")  # locate only: importing foolbox is slow
+    files = sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("cifar*.png")) if spec else []
+    if not files:
+        pytest.skip("no real RGB test images: install foolbox (scripts/install.sh --test)")
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])).permute(0, 3, 1, 2)
+    labels = torch.tensor([0 if f.name.startswith("cifar10_") else 1 for f in files])
+    return ArrayDataset(images.contiguous(), labels, name="cifar-samples")

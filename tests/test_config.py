@@ -77,3 +77,22 @@ def test_a_method_rule_lives_with_the_method_and_names_the_key():
         load_config(None, ["method.name=mocov2", "method.queue_size=100", "data.batch_size=64"])
     with pytest.raises(ConfigError, match="'backbone.name' must be a ViT"):
         load_config(None, ["method.name=mae", "backbone.name=resnet18"])
+
+
+def test_a_bundled_recipe_for_a_builtin_backbone_takes_a_timm_model():
+    """--data fashion-mnist picks the bundled SimCLR recipe, written for resnet10 (CIFAR stem, width
+    32): with --backbone timm:NAME its stem and width are left out instead of refused; the same keys
+    from the user are refused."""
+    from selfsight.config import ConfigError, read_sources
+    from selfsight.resolve import build_config
+    tree = read_sources(["simclr_fashion_mnist"], ["optim.lr=0.1"], {"backbone": {"name": "timm:resnet18d"}})
+    assert "width" not in tree["backbone"] and "small_stem" not in tree["backbone"]
+    cfg = build_config(tree)
+    assert cfg.backbone.name == "timm:resnet18d" and cfg.optim.lr == 0.1 and cfg.views.size == 28
+    with pytest.raises(ConfigError, match="'backbone.width' applies to selfsight's own"):
+        build_config(read_sources(["simclr_fashion_mnist"], ["backbone.width=16"],
+                                  {"backbone": {"name": "timm:resnet18d"}}))
+    # a saved MAE run config holds the recipe's sin-cos table: not the user's, so a resume is not refused
+    mae = build_config(read_sources(None, ["method.name=mae", "backbone.name=timm:vit_tiny_patch16_224",
+                                           "backbone.pos_embed=sincos"]))
+    assert mae.backbone.name == "timm:vit_tiny_patch16_224"

@@ -1,6 +1,10 @@
 """Backbone registry: names -> builders taking the backbone config section."""
 from __future__ import annotations
 
+import importlib
+
+from selfsight.backbones.base import WrappedBackbone, wrap
+from selfsight.backbones.hub import TorchvisionBackbone, build_timm, check_hub_name
 from selfsight.backbones.resnet import DEPTHS, ResNetBackbone
 from selfsight.backbones.vit import SIZES, ViTBackbone
 from selfsight.registry import Registry
@@ -38,6 +42,65 @@ for _name in SIZES:
     BACKBONES.register(_name)(_vit(_name))
 
 
-def build_backbone(cfg, in_chans: int, image_size: int):
-    """Build the backbone named ``cfg.name`` for ``in_chans``-channel images of ``image_size`` px."""
-    return BACKBONES.get(cfg.name)(cfg, cfg.in_chans or in_chans, image_size)
+PREFIXES = ("timm:", "torchvision:", "python:", "custom:")
+
+
+def custom_name(module) -> str:
+    """``custom:package.module.Class``: the name a run records for a module given from Python."""
+    inner = module.module if isinstance(module, WrappedBackbone) else module
+    return f"custom:{type(inner).__module__}.{type(inner).__qualname__}"
+
+
+def rebuild_refusal(name: str) -> str:
+    """Why a ``custom:`` run cannot be rebuilt from its config, and which API call loads it."""
+    return (f"this run trained a module given to selfsight.pretrain() ({name[7:]}), which its config cannot "
+            "rebuild: load it from Python with a new instance of it, selfsight.load_backbone(RUN, backbone=MyNet()) "
+            "or selfsight.evaluate(RUN, backbone=MyNet()), or train it as backbone.name=python:package.module:factory "
+            "(a function taking in_chans and image_size) so that the CLI can rebuild it")
+
+
+def check_backbone_name(name: str) -> None:
+    """A registered short name, ``timm:NAME``, ``torchvision:NAME`` or ``python:module:factory``; a
+    KeyError/ValueError with a suggestion otherwise."""
+    if name.startswith(("timm:", "torchvision:")):
+        check_hub_name(name)
+    elif name.startswith("python:"):
+        _factory(name)
+    elif name.startswith("custom:"):
+        return                                 # recorded by a run; build_backbone refuses to rebuild it
+    else:
+        BACKBONES.get(name)
+
+
+def _factory(name: str):
+    """``python:package.module:factory`` -> the callable (a user's own network)."""
+    spec = name[len("python:"):]
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"backbone.name={name!r}: write python:package.module:factory")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"backbone.name={name!r}: cannot import {attr} from {module} ({e}; is its folder on "
+                         "PYTHONPATH or the package installed?)") from None
+    if not callable(fn):
+        raise ValueError(f"backbone.name={name!r}: {attr} is not callable")
+    return fn
+
+
+def build_backbone(cfg, in_chans: int, image_size: int, pretrained: bool = False):
+    """Build the backbone named ``cfg.name`` for ``in_chans``-channel images of ``image_size`` px.
+    ``pretrained``: timm's or torchvision's own weights (``backbone.pretrained``; only a new run asks
+    for them: a run rebuilt from its checkpoint gets its own weights). ``python:module:factory``
+    is called with ``in_chans`` and ``image_size`` and put behind the contract (``wrap``)."""
+    c = cfg.in_chans or in_chans
+    if cfg.name.startswith("timm:"):
+        return build_timm(cfg.name[5:], c, image_size, pretrained, cfg.pretrained_file if pretrained else "",
+                          cfg.drop_path, cfg.grad_checkpointing)
+    if cfg.name.startswith("torchvision:"):
+        return TorchvisionBackbone(cfg.name[12:], c, image_size, pretrained)
+    if cfg.name.startswith("custom:"):
+        raise ValueError(rebuild_refusal(cfg.name))
+    if cfg.name.startswith("python:"):
+        return wrap(_factory(cfg.name)(in_chans=c, image_size=image_size), in_chans=c, probe_size=image_size)
+    return BACKBONES.get(cfg.name)(cfg, c, image_size)

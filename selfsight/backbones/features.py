@@ -17,6 +17,10 @@ def backbone_features(backbone: nn.Module, features: str = "cls"):
     if kind == "last" and not hasattr(backbone, "get_intermediate_layers"):
         raise ValueError(f"--features {features} needs a ViT backbone (the class tokens of its last blocks); "
                          f"{type(backbone).__name__} has no blocks with class tokens: use cls, mean or cls+mean")
+    if kind == "last" and getattr(getattr(backbone, "net", None), "cls_token", True) is None:
+        raise ValueError(f"--features {features} takes the class tokens of the last blocks; "
+                         f"{getattr(backbone, 'name', 'this ViT')} has no class token (it pools its patch tokens): "
+                         "use cls, mean or cls+mean")
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         if kind == "last":

@@ -19,9 +19,9 @@ attention logits of every block); ``pos_embed="none"`` then drops the absolute e
 from __future__ import annotations
 
 import timm
-from timm.layers.pos_embed_rel import RelPosBias
 import torch
 import torch.nn as nn
+from timm.layers.pos_embed_rel import RelPosBias
 
 from selfsight.backbones.base import Features
 from selfsight.nn.attention import attention_kernels, use_sdpa
@@ -34,20 +34,26 @@ SIZES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224
 
 
 class ViTBackbone(nn.Module):
+    """``name``: one of ``SIZES`` built here, or any name when ``net`` is an existing timm
+    ``VisionTransformer`` (``timm:NAME`` backbones, registers and other poolings included)."""
+
     def __init__(self, name: str = "vit_small", img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  drop_path: float = 0.0, mask_mode: str = "none", pos_embed: str = "learned", depth: int = 0,
-                 layer_scale: float = 0.0, rel_pos_bias: bool = False, grad_checkpointing: bool = False):
+                 layer_scale: float = 0.0, rel_pos_bias: bool = False, grad_checkpointing: bool = False,
+                 net: nn.Module | None = None):
         super().__init__()
         if pos_embed not in ("learned", "sincos", "none"):
             raise ValueError(f"backbone.pos_embed must be learned, sincos or none, got {pos_embed!r}")
-        extra = {"depth": depth} if depth > 0 else {}
-        if layer_scale > 0:                     # LayerScale (Touvron et al. 2021, CaiT Eq. 4; BEiT init 0.1)
-            extra["init_values"] = layer_scale
-        self.net = timm.create_model(SIZES[name], pretrained=False, num_classes=0, img_size=img_size,
-                                     patch_size=patch_size, in_chans=in_chans, drop_path_rate=drop_path,
-                                     dynamic_img_size=True, **extra)
+        if net is None:
+            extra = {"depth": depth} if depth > 0 else {}
+            if layer_scale > 0:                 # LayerScale (Touvron et al. 2021, CaiT Eq. 4; BEiT init 0.1)
+                extra["init_values"] = layer_scale
+            net = timm.create_model(SIZES[name], pretrained=False, num_classes=0, img_size=img_size,
+                                    patch_size=patch_size, in_chans=in_chans, drop_path_rate=drop_path,
+                                    dynamic_img_size=True, **extra)
+        self.net = net
         self.embed_dim = self.net.embed_dim
-        self.patch_size = patch_size
+        self.patch_size = int(self.net.patch_embed.patch_size[0])
         self.name = name
         self.mask_mode = "none"
         self.mask_token = None
@@ -136,7 +142,16 @@ class ViTBackbone(nn.Module):
                     for blk in n.blocks:
                         x = blk(x, attn_mask=bias)
         x = n.norm(x)
-        return Features(x[:, 0], x[:, n.num_prefix_tokens:])
+        return Features(self._pool(x), x[:, n.num_prefix_tokens:])
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The image feature of the final tokens: the class token, or the model's own pooling
+        (average over the patches, attention pooling) for timm ViTs without one. Register tokens
+        are never patch tokens (``num_prefix_tokens`` counts them)."""
+        n = self.net
+        if getattr(n, "global_pool", "token") == "token" and getattr(n, "cls_token", None) is not None:
+            return x[:, 0]
+        return n.forward_head(x, pre_logits=True)
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """The tokens B×(1+N)×D after each of the last ``n`` blocks, each passed through the final

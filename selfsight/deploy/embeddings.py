@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from selfsight.data.folder import ImageFolder
 from selfsight.data.images import BrokenImageError, load_image
-from selfsight.deploy.load import features, load_backbone
+from selfsight.deploy.load import features, is_hub_folder, load_backbone
 from selfsight.files import atomic_write
 from selfsight.progress import Progress
 
@@ -70,6 +70,8 @@ def _fingerprint(model, net: nn.Module) -> str:
     if isinstance(model, (str, Path)):
         p = Path(model).resolve()
         target = p / "checkpoint.pt" if p.is_dir() else p
+        if p.is_dir() and is_hub_folder(p):                 # an export --format hf folder
+            target = p / "model.safetensors"
         st = target.stat()
         return f"{target}:{st.st_size}:{st.st_mtime_ns}"
     h = hashlib.sha1()
@@ -94,7 +96,7 @@ def embed(model, folder: str | Path, out: str | Path, batch_size: int = 256, wor
           progress: bool = True, preprocess=None) -> dict:
     """Embed every image under ``folder`` with ``model`` and write ``out`` (module docstring).
 
-    ``model``: an exported file, a run folder or a checkpoint (``load_backbone``), or an
+    ``model``: an exported file or hub folder, a run folder or a checkpoint (``load_backbone``), or an
     ``nn.Module`` together with ``preprocess``. ``max_shards``: stop after computing that many
     new shards (an interrupted run; call again to continue). Returns a summary: images, skipped,
     dim, shards computed/reused, done, and the paths written.

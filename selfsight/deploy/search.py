@@ -64,7 +64,7 @@ def neighbors(embeddings: str | Path, query, k: int = 10, picture: str | Path | 
     """
     emb, names, meta = load_embeddings(embeddings)
     bank = torch.from_numpy(emb)
-    q_index, q_image = _resolve(query, names)
+    q_index, q_image = _resolve(query, names, meta.get("folder"))
     if q_index is not None:
         q = bank[q_index:q_index + 1]
         q_path = Path(meta["folder"]) / names[q_index]
@@ -85,7 +85,9 @@ def neighbors(embeddings: str | Path, query, k: int = 10, picture: str | Path | 
     return rows
 
 
-def _resolve(query, names: list[str]) -> tuple[int | None, Path | None]:
+def _resolve(query, names: list[str], folder: str | None = None) -> tuple[int | None, Path | None]:
+    """The query as an index of the collection (an index, a listed name, or the path of one of its
+    files, however written), else as an image file to embed."""
     if isinstance(query, (int, np.integer)) or (isinstance(query, str) and query.isdigit()
                                                  and not Path(query).exists()):
         i = int(query)
@@ -97,6 +99,13 @@ def _resolve(query, names: list[str]) -> tuple[int | None, Path | None]:
     if q in lookup:
         return lookup[q], None
     if Path(q).is_file():
+        if folder is not None:                 # a file of the collection given by its path
+            try:
+                rel = Path(q).resolve().relative_to(Path(folder).resolve()).as_posix()
+            except ValueError:
+                rel = None
+            if rel in lookup:
+                return lookup[rel], None
         return None, Path(q)
     raise ValueError(f"query {q!r} is neither an index, a file of the collection, nor an image file")
 

@@ -16,7 +16,10 @@ import torch.nn as nn
 
 from selfsight.augment import resolve_recipe
 from selfsight.augment.views import ViewRecipe, auto_views
+from selfsight.backbones import build_backbone
 from selfsight.backbones.factory import resolve_stem
+from selfsight.backbones.hub import first_line, is_convnet, total_stride
+from selfsight.backbones.weights import freeze, load_starting_weights, state_sha256
 from selfsight.config import RunConfig
 from selfsight.data import build_dataset, native_size
 from selfsight.data.arraycache import maybe_cache
@@ -29,6 +32,7 @@ from selfsight.methods import Hooks, build_method, hooks_of
 from selfsight.nn.distributed import rank, world_size
 from selfsight.nn.precision import pick_precision
 from selfsight.nn.sync_bn import convert_sync_batchnorm
+from selfsight.runs import starting_state
 
 log = logging.getLogger("selfsight")
 
@@ -52,6 +56,7 @@ class Parts:
     compiled: list
     probe: OnlineProbe | None
     ddp: nn.Module                      # the model, wrapped in DDP under several processes
+    starting: dict | None = None        # where the backbone's starting weights came from (None: random init)
 
 
 def setup_distributed() -> torch.device:
@@ -116,18 +121,79 @@ def _data(cfg: RunConfig, dataset, custom_backbone: bool, r: int) -> tuple[objec
     return source, recipe, channels
 
 
-def assemble(cfg: RunConfig, run_dir: Path, dataset=None, backbone: nn.Module | None = None) -> Parts:
-    """Build every part of a run (module docstring)."""
+def _check_view_sizes(net: nn.Module, name: str, recipe: ViewRecipe, channels: int) -> None:
+    """A model from timm, torchvision or a user's factory runs one image of each view size (global,
+    and local crops where there are some) before anything trains: a size the architecture cannot
+    take (below its total stride, not a multiple of its patch, off its window grid) is one line that
+    says which setting to change, not an error deep inside the first step."""
+    sizes = [("views.size", recipe.size)] + ([("views.local_size", recipe.local_size)] if recipe.local_crops else [])
+    was = net.training
+    net.eval()
+    try:
+        for key, s in sizes:
+            try:
+                with torch.no_grad():
+                    net.forward_features(torch.zeros(1, channels, s, s))
+            except (RuntimeError, ValueError, AssertionError) as e:
+                fix = ("raise views.local_size or set views.local_crops=0" if key == "views.local_size"
+                       else "choose another views.size")
+                reason = first_line(e).rstrip(".")
+                raise ValueError(f"{name} cannot take {s} px views ({key}={s}): {reason}; {fix}") from None
+    finally:
+        net.train(was)
+
+
+def _backbone(cfg: RunConfig, channels: int, recipe: ViewRecipe, custom: nn.Module | None, fresh: bool, r: int):
+    """The network the method trains: ``custom`` (any module, from Python), or the one the config
+    names, with timm's or torchvision's pretrained weights or ``backbone.weights`` when a new run asks
+    for them (a resumed run gets its own), and its frozen stages. Returns it and where its starting
+    weights came from (None: random initialisation)."""
+    b = cfg.backbone
+    if custom is not None:
+        return custom, None
+    size = recipe.size
+    net = build_backbone(b, channels, size, pretrained=fresh and b.pretrained)
+    if ":" in b.name:
+        _check_view_sizes(net, b.name, recipe, b.in_chans or channels)
+    starting = {"source": f"{b.name} ({'timm' if b.name.startswith('timm:') else 'torchvision'}'s pretrained "
+                          "weights)"} if fresh and (b.pretrained or b.pretrained_file) else None
+    if fresh and b.weights:
+        state, starting = starting_state(b.weights)
+        starting["report"] = load_starting_weights(net, state, b.weights_strict)
+        if r == 0:
+            rep = starting["report"]
+            log.info("starting weights: %d of %d tensors from %s (%s, sha256 %s...)%s", rep["loaded"], rep["of"],
+                     starting["source"], starting["kind"], starting["sha256"][:12],
+                     f"; adapted: {', '.join(rep['adapted'])}" if rep["adapted"] else "")
+    if starting is not None:                        # what the run starts from, whatever the source
+        starting["weights_sha256"] = state_sha256(net.state_dict())
+    frozen = freeze(net, b.freeze)
+    if frozen and r == 0:
+        log.info("backbone.freeze=%s: %d tensors of the backbone get no gradient", b.freeze, frozen)
+    stride = total_stride(net, size, b.in_chans or channels)
+    if stride and size < 2 * stride and r == 0:
+        log.warning("%s px views are less than twice the total stride %d of %s: its last map is %dx%d. Use larger "
+                    "views (views.size=%d or more) or a backbone with a small stem (the built-in "
+                    "resnet18, whose stem follows the view size)", size, stride, b.name, max(1, size // stride),
+                    max(1, size // stride), 2 * stride)
+    return net, starting
+
+
+def assemble(cfg: RunConfig, run_dir: Path, dataset=None, backbone: nn.Module | None = None,
+             fresh: bool = True) -> Parts:
+    """Build every part of a run (module docstring); ``fresh``: a new run, not a resumed one."""
     t = cfg.train
     device, r, world = _process(cfg)
     source, recipe, channels = _data(cfg, dataset, backbone is not None, r)
     loader = ViewLoader(source, recipe, cfg.data.batch_size, device, r, world, t.seed, cfg.data.workers,
                         cfg.data.device_augment, cfg.data.decode, cfg.data.prefetch)
-    model = build_method(cfg, channels, recipe.size, backbone).to(device)
+    net, starting = _backbone(cfg, channels, recipe, backbone, fresh, r)
+    model = build_method(cfg, channels, recipe.size, net).to(device)
     hooks = hooks_of(model)                         # every call into the method goes through these
     if hooks.make_masker is not None:               # masked image modeling: masks drawn with each batch
         loader.masker = hooks.make_masker()
-    channels_last = cfg.backbone.channels_last and backbone is None and cfg.backbone.name.startswith("resnet")
+        loader.masker.grid((recipe.size, recipe.size))     # a view size off the patch grid: refused before step 1
+    channels_last = cfg.backbone.channels_last and backbone is None and is_convnet(net)
     if channels_last:           # oneDNN (CPU) and cuDNN both run NHWC convolutions faster
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = pick_precision(t.precision, device)
@@ -139,7 +205,9 @@ def assemble(cfg: RunConfig, run_dir: Path, dataset=None, backbone: nn.Module | 
         log.info("train.fsdp: one process, nothing to shard")
     if fsdp:                    # before the optimizer: it must see the sharded parameters
         shard_model(model, device, amp_dtype)
-    optimizer = build_optimizer(model, cfg.optim, device.type, sharded=fsdp, fixed_lr=hooks.fixed_lr())
+    scaled = {id(p): cfg.backbone.lr_scale for p in net.parameters()} if cfg.backbone.lr_scale != 1 else {}
+    optimizer = build_optimizer(model, cfg.optim, device.type, sharded=fsdp, fixed_lr=hooks.fixed_lr(),
+                                lr_scales=scaled)
     compiled = compile_for_training(model, device, world, run_dir) if t.compile else []
     # eval.online_probe: a linear classifier on detached features, outside the model and its optimizer
     probe = build_online_probe(cfg.eval, model, source, device, log)
@@ -150,4 +218,4 @@ def assemble(cfg: RunConfig, run_dir: Path, dataset=None, backbone: nn.Module | 
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
     return Parts(device, r, world, source, recipe, channels, loader, model, hooks, channels_last, amp_dtype, fsdp,
-                 optimizer, compiled, probe, ddp)
+                 optimizer, compiled, probe, ddp, starting)

@@ -63,6 +63,8 @@ class Budget:
         """The step's learning rate and weight decay into the optimizer's groups."""
         for g in optimizer.param_groups:
             g["lr"] = self.lr if g.get("fixed_lr") else sched["lr"]       # fixed: e.g. SimSiam's predictor
+            if "lr_scale" in g:                                           # backbone.lr_scale
+                g["lr"] *= g["lr_scale"]
             if g.get("apply_wd", True):
                 g["weight_decay"] = sched["weight_decay"]
 

@@ -50,6 +50,7 @@ class Checkpointer:
     def __init__(self, parts, cfg, run_dir: Path):
         self.parts, self.cfg, self.path = parts, cfg, run_dir / CHECKPOINT
         self.saved_step: int | None = None    # of the last checkpoint written or resumed from
+        self.starting = parts.starting        # where the starting weights came from, kept across resumes
 
     def state(self, step: int, total_steps: int, elapsed: float, full: tuple[dict, dict] | None = None) -> dict:
         """The checkpoint. ``full``: the (model, optimizer) states of a sharded model, gathered by
@@ -64,7 +65,7 @@ class Checkpointer:
                 "config": to_dict(self.cfg),
                 "meta": {"method": self.cfg.method.name, "backbone": self.cfg.backbone.name,
                          "preprocess": preprocess_meta(p.recipe, p.channels), "selfsight": __version__,
-                         "world_size": p.world}}
+                         "world_size": p.world, **({"starting_weights": self.starting} if self.starting else {})}}
 
     def save(self, step: int, total_steps: int, elapsed: float) -> None:
         p = self.parts
@@ -106,6 +107,7 @@ class Checkpointer:
             else:
                 p.optimizer.load_state_dict(ck["optimizer"])
         self.saved_step = ck["step"]
+        self.starting = ck["meta"].get("starting_weights", self.starting)
         if p.probe is not None and "online_probe" in ck:        # a checkpoint without one: a fresh probe
             p.probe.load_state_dict_full(ck["online_probe"])
         if ck["meta"].get("world_size", 1) == p.world:

@@ -74,25 +74,29 @@ def skips_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
 
 
-def param_groups(model: nn.Module, decay_all: bool = False, fixed_lr: list | tuple = ()) -> list[dict]:
+def param_groups(model: nn.Module, decay_all: bool = False, fixed_lr: list | tuple = (),
+                 lr_scales: dict | None = None) -> list[dict]:
     """Two groups: ``decay`` (weights, ndim > 1) and ``no_decay`` (biases, norm params, tokens).
     ``decay_all``: weight decay on the second group too (MoCo v3's AdamW decays every parameter);
-    LARS still leaves it unadapted. Frozen parameters (momentum encoders) are left out. The
-    parameters in ``fixed_lr`` (a method's ``fixed_lr_parameters()`` hook) get groups of their own
-    flagged ``fixed_lr``."""
-    fixed = {id(p) for p in fixed_lr}
+    LARS still leaves it unadapted. Frozen parameters (momentum encoders, frozen stages) are left
+    out. The parameters in ``fixed_lr`` (a method's ``fixed_lr_parameters()`` hook) get groups of
+    their own flagged ``fixed_lr``; those in ``lr_scales`` ({id: scale}, ``backbone.lr_scale``) groups
+    with their ``lr_scale``, a factor on the scheduled learning rate."""
+    fixed, scales = {id(p) for p in fixed_lr}, lr_scales or {}
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = skips_weight_decay(name, p)
-        groups.setdefault((skip, id(p) in fixed), []).append(p)
+        groups.setdefault((skip, id(p) in fixed, scales.get(id(p), 1.0)), []).append(p)
     rest = {"apply_wd": True, "lars": False} if decay_all else {"apply_wd": False, "lars": False, "weight_decay": 0.0}
     out = []
-    for (skip, fixed_lr), params in sorted(groups.items()):
+    for (skip, fixed_lr, scale), params in sorted(groups.items()):
         g = {"params": params, **(rest if skip else {"apply_wd": True, "lars": True})}
         if fixed_lr:            # kept at the base lr by the engine (SimSiam's --fix-pred-lr)
             g["fixed_lr"] = True
+        if scale != 1.0:
+            g["lr_scale"] = scale
         out.append(g)
     return out
 
@@ -160,7 +164,8 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, ok: torch.Tensor) ->
 
 
 def build_optimizer(model: nn.Module, cfg, device_type: str = "cpu", groups: list[dict] | None = None,
-                    sharded: bool = False, fixed_lr: list | tuple = ()) -> torch.optim.Optimizer:
+                    sharded: bool = False, fixed_lr: list | tuple = (), lr_scales: dict | None = None
+                    ) -> torch.optim.Optimizer:
     """``cfg``: an ``OptimConfig``; ``groups``: parameter groups to use instead of ``param_groups``
     (e.g. fine-tuning's layer-wise learning-rate groups); ``fixed_lr``: parameters kept at the
     base lr. ``sharded``: the parameters are FSDP DTensors, which the fused kernels do not take
@@ -169,7 +174,7 @@ def build_optimizer(model: nn.Module, cfg, device_type: str = "cpu", groups: lis
         device_type = "sharded"
     if cfg.clip_mode not in CLIP_MODES:
         raise ValueError(f"optim.clip_mode must be one of {CLIP_MODES}, got {cfg.clip_mode!r}")
-    groups = param_groups(model, cfg.decay_all, fixed_lr) if groups is None else groups
+    groups = param_groups(model, cfg.decay_all, fixed_lr, lr_scales) if groups is None else groups
     if cfg.name == "sgd":
         fused = device_type in ("cuda", "cpu")
         opt = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

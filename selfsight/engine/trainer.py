@@ -8,6 +8,7 @@ and what a step is followed by) and ``_step`` (one optimizer step without a host
 """
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import signal
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from selfsight.backbones.factory import custom_name
 from selfsight.config import RunConfig
 from selfsight.engine.assemble import assemble
 from selfsight.engine.budget import STOP_SYNC_EVERY, Budget  # noqa: F401  (STOP_SYNC_EVERY: part of the contract)
@@ -43,8 +45,11 @@ class Trainer:
         t = cfg.train
         if not (t.epochs or t.steps or t.minutes):
             raise ValueError("give a budget: train.epochs, train.steps or train.minutes (--epochs/--steps/--minutes)")
+        if backbone is not None and not cfg.backbone.name.startswith("python:"):
+            cfg = copy.deepcopy(cfg)                # the run records what it trained (runs.rebuild_hint)
+            cfg.backbone.name = custom_name(backbone)
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
-        self.parts = p = assemble(cfg, self.run_dir, dataset, backbone)
+        self.parts = p = assemble(cfg, self.run_dir, dataset, backbone, fresh=not resume)
         self.device, self.model, self.ddp, self.hooks = p.device, p.model, p.ddp, p.hooks
         self.loader, self.optimizer, self.probe, self.dataset = p.loader, p.optimizer, p.probe, p.dataset
         self.amp_dtype, self.channels_last, self.compiled = p.amp_dtype, p.channels_last, p.compiled
@@ -240,6 +245,9 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, dataset=
 
     ``dataset``: any data source (default: ``cfg.data.train``); ``backbone``: any ``nn.Module``
     (wrapped behind the backbone contract; default: ``cfg.backbone``). A run with a custom
-    backbone is evaluated from Python: its checkpoint cannot rebuild the module by itself.
+    module records it as ``backbone.name=custom:package.module.Class``: its checkpoint cannot
+    rebuild the module by itself, so it is loaded from Python (``load_run(run, backbone=Class(...))``,
+    ``load_backbone(run, backbone=...)``); a module built by a factory, given as
+    ``backbone.name=python:package.module:factory``, is rebuilt by the CLI too.
     """
     return Trainer(cfg, run_dir, resume, dataset, backbone).fit()

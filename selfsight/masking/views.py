@@ -26,7 +26,7 @@ class ViewMasker:
         h, w = size
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"a {h}×{w} view is not divisible into {self.patch_size}-pixel patches: choose "
-                             f"views.size as a multiple of backbone.patch_size")
+                             f"views.size as a multiple of the backbone's patch size {self.patch_size}")
         return h // self.patch_size, w // self.patch_size
 
     def __call__(self, views: list[torch.Tensor], seed: int) -> list[torch.Tensor | None]:

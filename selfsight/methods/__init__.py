@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from selfsight.backbones import build_backbone, wrap
+from selfsight.backbones.hub import is_vit
 from selfsight.backbones.vit import SIZES
 from selfsight.methods.contract import Hooks, MethodContractError, hooks_of
 from selfsight.registry import Registry
@@ -40,10 +41,11 @@ def register_method(name: str, params: type, defaults: dict | None = None, summa
 
 
 def vit_only(cfg):
-    """A ``check``: masked image modeling masks patches, so the backbone must be a ViT."""
-    if cfg.backbone.name not in SIZES:
-        return ("backbone.name", f"must be a ViT ({', '.join(SIZES)}) for method {cfg.method.name} (masked image "
-                "modeling masks patches)", cfg.backbone.name)
+    """A ``check``: masked image modeling masks patches, so the backbone must be a ViT with patch
+    tokens and masking (a built-in one, or a timm VisionTransformer by ``timm:NAME``)."""
+    if cfg.backbone.name not in SIZES and not is_vit(cfg.backbone.name):
+        return ("backbone.name", f"must be a ViT ({', '.join(SIZES)}, or timm:NAME of a timm VisionTransformer) "
+                f"for method {cfg.method.name} (masked image modeling masks patches)", cfg.backbone.name)
     return None
 
 

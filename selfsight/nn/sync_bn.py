@@ -50,12 +50,27 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
     """Every BatchNorm*d -> torch's SyncBatchNorm (GPUs) or GlobalBatchNorm (CPUs).
 
     A module holding MoCo's SplitBatchNorm (shuffle-BN) is returned unchanged: its per-process
-    statistics are the point, and global statistics would let queries and keys "cheat"."""
+    statistics are the point, and global statistics would let queries and keys "cheat". A frozen
+    stage's BatchNorm (``keep_running_stats``) keeps its running statistics once converted."""
     if any(isinstance(m, SplitBatchNorm) for m in module.modules()):
         return module
-    if device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_global_bn(module)
+    kept = {name for name, m in module.named_modules() if getattr(m, "keeps_running_stats", False)}
+    out = nn.SyncBatchNorm.convert_sync_batchnorm(module) if device_type == "cuda" else _to_global_bn(module)
+    for name, m in out.named_modules():
+        if name in kept and not getattr(m, "keeps_running_stats", False):
+            keep_running_stats(m)              # a frozen stage's BatchNorm stays frozen once converted
+    return out
+
+
+def keep_running_stats(bn: nn.Module) -> None:
+    """``bn`` normalizes with its running statistics and leaves them unchanged, whatever
+    ``model.train()`` sets (a frozen stage: detectron2's FrozenBatchNorm, the state dict unchanged)."""
+    bn.register_forward_pre_hook(_use_running_stats)
+    bn.keeps_running_stats = True
+
+
+def _use_running_stats(module: nn.Module, args) -> None:
+    module.training = False
 
 
 def _to_global_bn(module: nn.Module) -> nn.Module:

@@ -4,8 +4,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
-
 from helpers import normalized
+
 from selfsight.backbones.resnet import ResNetBackbone
 from selfsight.backbones.vit import ViTBackbone
 

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from selfsight.backbones.vit import ViTBackbone
 from selfsight.masking import MaskGenerator

@@ -118,6 +118,9 @@ def test_neighbors_leave_out_the_query_and_find_near_duplicates(run, folder, tmp
     assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
     rows = neighbors(tmp_path / "emb.npy", str(names.index("img_007.png")), k=3)
     assert len(rows) == 3 and rows[0]["file"] == "near_jpeg.jpg"
+    # a file of the collection given by its full path is the collection's, and left out too
+    rows = neighbors(tmp_path / "emb.npy", str((folder / "img_007.png").resolve()), k=3)
+    assert "img_007.png" not in [r["file"] for r in rows] and rows[0]["file"] == "near_jpeg.jpg"
     # a query image from outside the collection is embedded with the collection's model
     outside = tmp_path / "query.png"
     Image.open(folder / "img_007.png").save(outside)

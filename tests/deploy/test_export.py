@@ -133,7 +133,7 @@ def test_cli_export(runs, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["feature_dim"] == 64 and res["format"] == "torchvision" and "config" not in res
     assert main(["export", str(runs / "resnet"), "--out", str(tmp_path / "d.safetensors"), "--format", "timm"]) == 2
-    assert "selfsight: error: --format timm holds ViTs" in capsys.readouterr().err
+    assert "selfsight: error: --format timm holds timm models" in capsys.readouterr().err
     assert api.export is not None and callable(__import__("selfsight").export)
 
 
@@ -150,3 +150,16 @@ def test_onnx_matches_torch(runs, tmp_path, fmnist_test):
     for n in (7, 3):                                                    # dynamic batch
         got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x[:n].numpy()})[0])
         assert got.shape == (n, 64) and (got - ref[:n]).abs().max() <= 1e-4
+
+
+def test_hub_folder_of_a_resnet(runs, tmp_path, fmnist_test):
+    """--format hf of a built-in ResNet: the hub layout with torchvision's state, read by load_backbone."""
+    out = tmp_path / "hub"
+    export(runs / "resnet", out, "hf")
+    assert json.loads((out / "config.json").read_text())["library"] == "torchvision"
+    net, pre = load_backbone(out)
+    x = inputs(fmnist_test)
+    with torch.no_grad():
+        assert (net(pre(fmnist_test.images[:64])) - reference(runs / "resnet", x)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="writes a folder"):
+        export(runs / "resnet", tmp_path / "hub.safetensors", "hf")

@@ -92,3 +92,19 @@ def test_vit_refusals(run, tmp_path):
     assert "timm" not in meta
     own, _ = load_backbone(tmp_path / "c.safetensors")
     assert own.rel_pos_bias is not None
+
+
+def test_hub_folder_of_a_builtin_vit(run, tmp_path, fmnist_test):
+    """--format hf: timm's hub layout, loaded by timm's own local-dir route and by load_backbone."""
+    export(run, tmp_path / "hub", "hf")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["model_args"]["patch_size"] == 7 and config["pretrained_cfg"]["input_size"] == [1, 28, 28]
+    assert config["pretrained_cfg"]["tag"] == "selfsight" and "hf_hub_id" not in config["pretrained_cfg"]
+    x = inputs(fmnist_test)
+    model, _, _ = load_run(run)
+    net = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    mine, pre = load_backbone(tmp_path / "hub")
+    with torch.no_grad():
+        ref = model.backbone.forward_features(x).cls
+        assert (net(x) - ref).abs().max() <= 1e-5
+        assert (mine(pre(fmnist_test.images[:64])) - ref).abs().max() <= 1e-5

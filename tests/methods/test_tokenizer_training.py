@@ -108,28 +108,36 @@ def test_beit_cross_entropy_counts_the_masked_positions_only(vq_run, fmnist_smal
     ids = model.target(x, grid)                                              # B×N token ids, intact view
     reference = -F.log_softmax(pred[mask].float(), -1).gather(1, ids[mask][:, None]).mean()
     torch.testing.assert_close(loss, reference)
-    # ids changed at visible positions leave the loss alone; at a masked position they move it
+    # ids changed at visible positions leave the loss alone; at a masked position they move it: the
+    # id of that position's smallest logit (the largest -log p) raises the loss by exactly its share
     real_target = model.target
 
     class ChangedIds(torch.nn.Module):
         discrete = True
 
-        def __init__(self, where):
+        def __init__(self, where, new_id=None):
             super().__init__()
-            self.where = where
+            self.where, self.new_id = where, new_id
 
         def forward(self, xx, g):
             t = real_target(xx, g).clone()
-            t[self.where] = (t[self.where] + 1) % 64
+            t[self.where] = (t[self.where] + 1) % 64 if self.new_id is None else self.new_id
             return t
 
-    target_with = ChangedIds
-    model.target = target_with(~mask)
+    model.target = ChangedIds(~mask)
     torch.testing.assert_close(model(batch, {})["loss"], loss)
+    first = int(mask.view(-1).nonzero()[0])
     first_masked = torch.zeros_like(mask)
-    first_masked.view(-1)[int(mask.view(-1).nonzero()[0])] = True
-    model.target = target_with(first_masked)
-    assert not torch.allclose(model(batch, {})["loss"], loss)
+    first_masked.view(-1)[first] = True
+    logits = pred.flatten(0, 1)[first].float()
+    worst = int(logits.argmin())
+    assert worst != int(ids.view(-1)[first])
+    model.target = ChangedIds(first_masked, worst)
+    changed = ids.clone()
+    changed[first_masked] = worst
+    moved = model(batch, {})["loss"]
+    torch.testing.assert_close(moved, -F.log_softmax(pred[mask].float(), -1).gather(1, changed[mask][:, None]).mean())
+    assert moved > loss
 
 
 @pytest.mark.slow
