@@ -80,6 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     from selfsight.api import pretrain
     from selfsight.eval.knn import evaluate_knn
+    from selfsight.files import safe_load
     from selfsight.resolve import load_config
     out = Path(args.out)
     recipe = "simclr_fashion_mnist"
@@ -95,8 +96,10 @@ def main() -> None:
     rows = []
     for name, (run, overrides) in runs.items():
         t = time.time()
-        if not (run / "checkpoint.pt").exists():
-            res = pretrain(load_config([recipe], overrides), run)
+        ck = run / "checkpoint.pt"
+        steps = int(overrides[1 if name == "source" else 0].split("=")[1])
+        if not ck.exists() or safe_load(ck)["step"] < steps:     # new, or stopped early: resumed exactly
+            res = pretrain(load_config([recipe], overrides), run, resume=ck.exists())
             minutes = res["minutes"]
         else:                                   # finished earlier: its wall time from its own log
             lines = (run / "metrics.jsonl").read_text().splitlines()

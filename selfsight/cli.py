@@ -362,7 +362,9 @@ def cmd_demo(args) -> int:
 def _run_options(p: argparse.ArgumentParser, out_help: str, override_example: str) -> None:
     """The options of a training run: data, output folder, budget, recipe, resume, overrides."""
     p.add_argument("--data", help="built-in set (fashion-mnist, cifar10, cifar100, stl10[:split]), a folder of "
-                                  "images or tar shards (default: the recipe's; fashion-mnist)")
+                                  "images, a list of files (list.csv, .tsv or .txt: path[,label]), hf:PATH[:split] "
+                                  "(a local Hugging Face data set) or tar shards (default: the recipe's; "
+                                  "fashion-mnist)")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--minutes", type=float, help="budget: minutes of training (over all sessions of the run)")
     p.add_argument("--epochs", type=float, help="budget: passes over the data (fractions allowed)")

@@ -103,6 +103,8 @@ class DataConfig:
     cache: Any = setting(False, check=_cache_choice)   # folders: pre-decoded uint8 memmap cache: false | true | auto (docs/data.md)
     cache_size: int = setting(0, at_least=0)        # px of the cached squares; 0 = the view size (smaller images: their own)
     shuffle_buffer: int = setting(1000, at_least=0)  # tar shards: samples held per stream to shuffle within shards; 0 = shard order
+    image_column: str = ""             # hf: image column ("" = first Image feature); lists with a header: path column
+    label_column: str = ""             # hf: datasets, CSV lists: the label column ("" = "label" where there is one)
 
 
 @dataclass
@@ -176,13 +178,25 @@ class OptimConfig:
     trust_coefficient: float = setting(1e-3, at_least=0)   # LARS eta
 
 
+LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")
+
+
+def _loggers_choice(value) -> str | None:
+    bad = [v for v in value if v not in LOGGERS]
+    if not bad:
+        return None
+    near = difflib.get_close_matches(str(bad[0]), LOGGERS, n=1)
+    return f"names {bad[0]!r}: each must be one of {', '.join(LOGGERS)}" + (f" (did you mean {near[0]}?)" if near else "")
+
+
 @dataclass
 class TrainConfig:
     epochs: float = setting(0.0, at_least=0)        # stop after this many epochs (0 = no limit)
     steps: int = setting(0, at_least=0)             # stop after this many steps (0 = no limit)
     minutes: float = setting(0.0, at_least=0)       # wall-clock budget (0 = no limit)
     schedule_epochs: float = setting(0.0, at_least=0)   # length of the schedules when only --minutes is given (0 = estimate)
-    precision: str = setting("auto", choices=("auto", "bf16", "fp32"))
+    # auto: bf16 where native, else fp16 with a gradient scaler (GPU) or fp32 (CPU)
+    precision: str = setting("auto", choices=("auto", "bf16", "fp16", "fp32"))
     seed: int = setting(0, unbounded=True)
     deterministic: bool = False
     checkpoint_every: int = setting(500, at_least=0)    # steps; 0 = only at the end
@@ -191,8 +205,10 @@ class TrainConfig:
     threads: int = setting(0, at_least=0)           # torch CPU threads per process; 0 = torch default
     compile: bool = False              # torch.compile the backbones (falls back to eager with a warning)
     fsdp: bool = False                 # shard parameters, gradients and optimizer state over the processes (FSDP2)
-    progress: bool = True
-    tensorboard: bool = True
+    progress: bool = True              # a bar on a terminal; elsewhere a line every 30 s (rate, time left)
+    tensorboard: bool = True           # false: leave tensorboard out of train.loggers (older recipes)
+    loggers: tuple = setting(("tensorboard",), check=_loggers_choice)   # tensorboard | wandb | mlflow | csv
+    project: str = "selfsight"         # the W&B project and MLflow experiment of the run
 
 
 @dataclass

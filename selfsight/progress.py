@@ -1,4 +1,4 @@
-"""Progress of the long waits (feature extraction, baselines, indexing, caching, embedding).
+"""Progress of the long waits (training, feature extraction, baselines, indexing, caching, embedding).
 
 On a terminal: a tqdm bar on stderr. Elsewhere (a log file, CI, a pipe): one log line every
 ``PERIOD`` seconds with the count, the rate and the time left, and a closing line for a wait that
@@ -15,6 +15,7 @@ import time
 from tqdm import tqdm
 
 PERIOD = 10.0          # seconds between progress lines when stderr is not a terminal
+TRAINING_PERIOD = 30.0  # the same for the training loop (its log rows go to metrics.jsonl anyway)
 log = logging.getLogger("selfsight")
 
 
@@ -27,15 +28,29 @@ class Progress:
     """``with Progress(total, "features of the test data") as p: ... p.update(n)``."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "images", enabled: bool = True,
-                 initial: int = 0, period: float | None = None):
+                 initial: int = 0, period: float | None = None, leave: bool = False):
         self.total, self.desc, self.unit = total, desc, unit
         self.period = PERIOD if period is None else period
         self.n = self.start_n = initial
         self.enabled = enabled and os.environ.get("SELFSIGHT_PROGRESS", "1") != "0"
         self.bar = None
+        self.postfix: dict = {}
         if self.enabled and sys.stderr.isatty():
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit[:3], dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit[:3], dynamic_ncols=True, leave=leave)
         self.t0 = self.last = time.perf_counter()
+
+    def set_total(self, total: int | None) -> None:
+        """A total known only later (a minutes budget estimated after the first steps)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def set_postfix(self, **values) -> None:
+        """Values shown after the count (the bar's postfix; the end of each line elsewhere)."""
+        self.postfix = values
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -51,12 +66,14 @@ class Progress:
         """``desc: 1234/10000 images (12 %), 250 images/s, ~0:35 left``."""
         span = max((now or time.perf_counter()) - self.t0, 1e-9)
         rate = (self.n - self.start_n) / span
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        speed = f"{rate:.0f} {self.unit}/s" if rate >= 10 else f"{rate:.2f} {self.unit}/s"
         if not self.total:
-            return f"{self.desc}: {self.n} {self.unit}, {rate:.0f} {self.unit}/s"
+            return f"{self.desc}: {self.n} {self.unit}, {speed}{extra}"
         left = (self.total - self.n) / rate if rate > 0 else float("inf")
         eta = _clock(left) if left != float("inf") else "?"
         return (f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f} %), "
-                f"{rate:.0f} {self.unit}/s, ~{eta} left")
+                f"{speed}, ~{eta} left{extra}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -17,6 +17,15 @@ TINY = {"backbone.name": "resnet10", "backbone.width": 8, "backbone.small_stem":
         "optim.name": "sgd", "optim.lr": 0.06, "optim.base_batch": 128, "optim.weight_decay": 5e-4,
         "optim.warmup_epochs": 0}
 TINY_METHOD = {"temperature": 0.5}      # method fields set where the method has them (its parameter dataclass)
+VIT = {"backbone.name": "vit_tiny", "backbone.patch_size": 4, "backbone.depth": 1, "views.size": 28}
+# each method small enough for a one-step test (heads, queues, a 1-block ViT)
+SMALL_METHOD = {"dino": {"method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
+                "ibot": {**VIT, "method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
+                "mocov1": {"method.queue_size": 64}, "mocov2": {"method.queue_size": 64},
+                "tokenizer": {"method.vocab_size": 16, "method.hidden": 8, "method.dim": 8},
+                **{m: {**VIT, "method.head.decoder_dim": 16, "method.head.decoder_depth": 1,
+                       "method.head.decoder_heads": 2} for m in ("mim", "mae")},
+                "maskfeat": {**VIT, "method.target.hog_cell": 4}}
 
 
 def tiny_overrides(**extra) -> list[str]:

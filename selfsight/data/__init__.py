@@ -1,4 +1,5 @@
-"""Data sources: built-in sets (in memory) and any folder of images."""
+"""Data sources: built-in sets (in memory), any folder of images, lists of files (CSV/text), local
+Hugging Face data sets (``hf:``) and tar shards."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,14 +7,20 @@ from pathlib import Path
 from selfsight.data.arrays import ArrayDataset
 from selfsight.data.builtin import SPLITS, fashion_mnist, torchvision_set
 from selfsight.data.folder import ImageFolder
+from selfsight.data.hf import SAVED_MARKERS, HFImages, is_hf_spec
+from selfsight.data.lists import ListImages, is_list_spec
 from selfsight.data.shards import ShardDataset, is_shard_spec
 
 BUILTIN = sorted(SPLITS)
 
 
-def build_dataset(spec: str, root: str = "", download: bool = True, shuffle_buffer: int = 1000):
-    """``"fashion-mnist"``, ``"cifar10:test"``, ``"stl10:unlabeled"``, a folder path, or tar shards
-    (``shuffle_buffer``: samples each shard stream holds to shuffle within shards; 0 = shard order).
+def build_dataset(spec: str, root: str = "", download: bool = True, shuffle_buffer: int = 1000,
+                  image_column: str = "", label_column: str = ""):
+    """``"fashion-mnist"``, ``"cifar10:test"``, ``"stl10:unlabeled"``, a folder path, a list of files
+    (``list.csv``, ``.tsv``, ``.txt``: ``path[,label]``), a local Hugging Face data set
+    (``hf:PATH[:split]``), or tar shards (``shuffle_buffer``: samples each shard stream holds to
+    shuffle within shards; 0 = shard order). ``image_column``/``label_column``: the columns of a
+    list with a header row or of ``hf:`` data ("" = the defaults, docs/data.md).
 
     A built-in name without a split means its training split. Folders may be labeled
     (``root/<class>/...``) or not; see docs/data.md.
@@ -26,11 +33,22 @@ def build_dataset(spec: str, root: str = "", download: bool = True, shuffle_buff
         if name == "fashion-mnist":
             return fashion_mnist(split, root, download)
         return torchvision_set(name, split, root, download)
+    if is_hf_spec(spec):                    # a local Hugging Face data set: "hf:PATH[:split]"
+        source = HFImages(spec, image_column, label_column)
+        source.first_readable()
+        return source
+    if is_list_spec(spec):                  # a list of files: "list.csv" (path[,label]), .tsv, .txt
+        listed = ListImages(spec, image_column, label_column)
+        listed.first_readable()
+        return listed
     if is_shard_spec(spec):                 # tar shards: "dir/shard-{000000..000099}.tar", a glob or a folder
         return ShardDataset(spec, shuffle_buffer=shuffle_buffer)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data {spec!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing folder")
+        raise FileNotFoundError(f"data {spec!r} is neither a built-in set ({', '.join(BUILTIN)}) nor an existing "
+                                "folder, list of files (.csv, .tsv, .txt), hf:PATH or tar shards")
+    if any((path / marker).is_file() for marker in SAVED_MARKERS):
+        raise ValueError(f"{spec} is a Hugging Face data set written by save_to_disk: pass it as hf:{spec}")
     folder = ImageFolder(path)
     folder.first_readable()             # a folder of nothing but unreadable files: one clear line now
     return folder
@@ -54,7 +72,7 @@ def native_size(dataset, n: int = 64) -> tuple[int, str]:
 
 def num_classes_of(dataset) -> int:
     """The number of classes of a data source, 0 when it has no labels."""
-    if hasattr(dataset, "labeled"):                      # ImageFolder
+    if hasattr(dataset, "labeled"):                      # ImageFolder, lists, hf:, shards
         return len(dataset.classes) if dataset.labeled else 0
     labels = getattr(dataset, "labels", None)
     if labels is None or len(labels) == 0:

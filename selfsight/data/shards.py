@@ -1,8 +1,14 @@
-"""WebDataset-style tar shards as a streaming data source (no extraction, no new dependency).
+"""WebDataset tar shards as a streaming data source (no extraction, no new dependency).
 
-A sample is the run of tar members sharing a key (the member path up to the first dot of its
-file name): one image (``.jpg .jpeg .png .webp .bmp``) and an optional ``.cls`` (an integer label
-as text), as ``webdataset`` writes them. Shards are read with ``tarfile`` in streaming mode.
+Shards written by ``selfsight shards make`` or by the ``webdataset`` package itself
+(``ShardWriter``/``TarWriter``) are read with webdataset's own conventions (its
+``tariterators.base_plus_ext`` and ``group_by_keys``): a member's key is its path up to the first
+dot of its file name (dots in folder names are kept), the rest, lower-cased, is its extension
+(``seg.png``); a sample is a run of consecutive members sharing a key; names without a dot or
+starting with one, and ``__meta__`` entries, are ignored. A sample's image is its first member of
+``IMAGE_EXTENSIONS`` (else a compound one ending in one, ``input.jpg``), its label the integer or
+class name in ``.cls`` (``.cls2``, ``.class``, ``.label``). Shards are read with ``tarfile`` in
+streaming mode.
 
 Per epoch the shard list is permuted with (seed, epoch) and dealt out to the (rank, worker)
 slots, each slot shuffles its stream through a buffer seeded with (seed, epoch, slot), and each
@@ -33,15 +39,20 @@ from torch.utils.data import IterableDataset, get_worker_info
 from selfsight.data.crops import sample_seed
 from selfsight.data.folder import ImageFolder, default_cache_dir
 from selfsight.data.images import BrokenImageError, decode_image
+from selfsight.data.lists import class_ids
 
 log = logging.getLogger("selfsight.data")
 
-SHARD_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+SHARD_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")     # written byte for byte by ``write_shards``
+# read as images, in this order of preference (webdataset writes "img" and "image" as JPEG)
+IMAGE_EXTENSIONS = SHARD_EXTENSIONS + ("ppm", "pgm", "pbm", "tif", "tiff", "gif", "img", "image")
+LABEL_EXTENSIONS = ("cls", "cls2", "class", "label")     # an integer (webdataset writes ints as decimal text) or a name
+_META = re.compile(r"__[^/]*__($|/)")                   # webdataset's skip_meta: __key__-style entries
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SHARDS_JSON = "shards.json"          # {"__len__": N, "shards": {file name: samples}, "classes": [...]}
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
-__all__ = ["ShardDataset", "expand_shards", "is_shard_spec", "split_key", "write_shards", "SHARDS_JSON"]
+__all__ = ["ShardDataset", "expand_shards", "is_shard_spec", "scan_shard", "split_key", "write_shards", "SHARDS_JSON"]
 
 
 def is_shard_spec(spec: str) -> bool:
@@ -86,27 +97,42 @@ def _braces(pattern: str) -> list[str]:
             for p in _braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
 
 
-def split_key(name: str) -> tuple[str, str]:
-    """``"dir/n01.seg.png"`` -> (``"dir/n01"``, ``"seg.png"``): the webdataset key and extension."""
+def split_key(name: str) -> tuple[str | None, str]:
+    """``"dir.v2/n01.seg.PNG"`` -> (``"dir.v2/n01"``, ``"seg.png"``): the webdataset key and extension
+    (``base_plus_ext``, the extension lower-cased); (None, "") for a member webdataset ignores: no dot
+    in its file name, a name starting with a dot (``._n01.jpg``), or a ``__meta__`` entry."""
+    if _META.match(name):
+        return None, ""
     head, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower() if dot else ""
+    if not stem or not dot:
+        return None, ""
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _members(tf: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, extension, member) of the regular files of a tar that form samples (``split_key``)."""
+    for m in tf:
+        if m.isfile():
+            key, ext = split_key(m.name)
+            if key is not None:
+                yield key, ext, m
 
 
 def _samples(path: str) -> Iterator[tuple[str, dict[str, bytes] | None]]:
-    """(key, {ext: bytes}) per sample of one shard, streaming; (path, None) when the shard breaks."""
+    """(key, {ext: bytes}) per sample of one shard (a run of consecutive members sharing a key; of
+    two members with the same extension the first is kept), streaming; (path, None) when the shard
+    breaks."""
     key, parts = None, {}
     try:
         with tarfile.open(path, mode="r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                k, ext = split_key(m.name)
+            for k, ext, m in _members(tf):
                 if k != key and key is not None:
                     yield key, parts
                     parts = {}
                 key = k
-                parts[ext] = tf.extractfile(m).read()
+                data = tf.extractfile(m).read()
+                parts.setdefault(ext, data)
     except (tarfile.TarError, OSError, EOFError) as e:
         log.warning("shard %s is broken after %s (%s: %s); its remaining samples are skipped", path, key,
                     type(e).__name__, e)
@@ -116,34 +142,77 @@ def _samples(path: str) -> Iterator[tuple[str, dict[str, bytes] | None]]:
         yield key, parts
 
 
+def _image_ext(exts) -> str | None:
+    """The extension of a sample's image: the first of ``IMAGE_EXTENSIONS`` it has, else the first
+    compound one ending in one of them (``input.jpg``), else None."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in exts:
+            return ext
+    return next((e for e in exts if e.rpartition(".")[2] in IMAGE_EXTENSIONS), None)
+
+
 def _image_of(parts: dict[str, bytes]) -> tuple[str, bytes] | None:
-    for ext in SHARD_EXTENSIONS:
-        if ext in parts:
-            return ext, parts[ext]
-    return None
+    ext = _image_ext(parts)
+    return None if ext is None else (ext, parts[ext])
+
+
+def _label_text(parts: dict[str, bytes]) -> str | None:
+    ext = next((e for e in LABEL_EXTENSIONS if e in parts), None)
+    if ext is None:
+        return None
+    try:
+        return parts[ext].decode("utf-8").strip() or None
+    except UnicodeDecodeError:
+        return None
+
+
+def scan_shard(path: str) -> tuple[int, set[str]]:
+    """(samples with an image member, the label texts of the samples) of one shard, grouped as
+    ``_samples`` groups them; headers and label members only (tarfile seeks over the images)."""
+    count, labels, key, exts = 0, set(), None, {}
+
+    def close() -> None:
+        nonlocal count
+        if key is not None and _image_ext(exts) is not None:
+            count += 1
+            text = _label_text(exts)
+            if text is not None:
+                labels.add(text)
+
+    with tarfile.open(path, mode="r:") as tf:
+        for k, ext, m in _members(tf):
+            if k != key:
+                close()
+                key, exts = k, {}
+            if ext not in exts:                 # {extension: the label member's bytes, b"" for the others}
+                exts[ext] = tf.extractfile(m).read() if ext in LABEL_EXTENSIONS and m.size < 4096 else b""
+    close()
+    return count, labels
 
 
 def count_samples(path: str) -> int:
-    """Samples with an image member in one shard (headers only: tarfile seeks over the data)."""
-    keys = set()
-    with tarfile.open(path, mode="r:") as tf:
-        for m in tf:
-            k, ext = split_key(m.name)
-            if m.isfile() and ext in SHARD_EXTENSIONS:
-                keys.add(k)
-    return len(keys)
+    """Samples with an image member in one shard (``scan_shard``)."""
+    return scan_shard(path)[0]
 
 
-def _counts(shards: list[str], cache_dir: str) -> tuple[list[int], list[str]]:
-    """Samples per shard, and class names: from a ``shards.json`` beside the shards, else counted
-    once and cached in ``<cache dir>/shards/`` (keyed by the shards' paths, sizes and times)."""
+def _classes_of(labels: set[str]) -> list[str]:
+    """Class names from the label texts of shards without a ``shards.json`` (names sorted as a list
+    file's are, ``lists.class_ids``)."""
+    return class_ids(sorted(labels))[1]
+
+
+def _counts(shards: list[str], cache_dir: str) -> tuple[list[int], list[str], bool]:
+    """Samples per shard, class names, and whether the label texts are class names: from a
+    ``shards.json`` beside the shards (its labels are ids into its classes), else counted once (with
+    the label texts, which name the classes) and cached in ``<cache dir>/shards/`` (keyed by the
+    shards' paths, sizes and times)."""
     folder = os.path.dirname(shards[0])
     try:
         with open(os.path.join(folder, SHARDS_JSON)) as f:
             meta = json.load(f)
         per = meta.get("shards", {})
         if all(os.path.dirname(s) == folder and os.path.basename(s) in per for s in shards):
-            return [int(per[os.path.basename(s)]) for s in shards], list(meta.get("classes", []))
+            return [int(per[os.path.basename(s)]) for s in shards], list(meta.get("classes", [])), False
     except (OSError, ValueError, AttributeError):
         pass
     h = hashlib.sha1()
@@ -153,18 +222,22 @@ def _counts(shards: list[str], cache_dir: str) -> tuple[list[int], list[str]]:
     cached = os.path.join(cache_dir, "shards", h.hexdigest() + ".json")
     try:
         with open(cached) as f:
-            return [int(v) for v in json.load(f)["counts"]], []
+            meta = json.load(f)
+        return [int(v) for v in meta["counts"]], [str(c) for c in meta["classes"]], True
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    counts = []
+    counts, labels = [], set()
     for s in shards:
         try:
-            counts.append(count_samples(s))
+            n, seen = scan_shard(s)
         except (tarfile.TarError, OSError, EOFError) as e:
             log.warning("cannot count the samples of shard %s (%s); counted as 0", s, e)
-            counts.append(0)
-    _write_json(cached, {"counts": counts, "shards": shards})
-    return counts, []
+            n, seen = 0, set()
+        counts.append(n)
+        labels |= seen
+    classes = _classes_of(labels)
+    _write_json(cached, {"counts": counts, "classes": classes, "shards": shards})
+    return counts, classes, True
 
 
 def _write_json(path: str, obj) -> None:
@@ -190,8 +263,10 @@ class ShardDataset(IterableDataset):
     def __init__(self, spec: str, cache_dir: str | None = None, shuffle_buffer: int = 1000):
         self.spec = spec
         self.shards = expand_shards(spec)
-        self.counts, self.classes = _counts(self.shards, cache_dir or default_cache_dir())
+        self.counts, self.classes, by_name = _counts(self.shards, cache_dir or default_cache_dir())
         self.labeled = bool(self.classes)
+        # label texts name the classes (webdataset's shards), or are ids into them (shards.json)
+        self._class_ids = {c: i for i, c in enumerate(self.classes)} if by_name else {}
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.rank, self.world, self.batch = 0, 0, 1, 1
         self.epoch = self.pass_ = 0
@@ -246,10 +321,7 @@ class ShardDataset(IterableDataset):
                 log.warning("skipping a broken shard member: %s", e)
                 skipped += 1
                 continue
-            try:
-                label = int(parts.get("cls", b"-1").decode().strip())
-            except ValueError:
-                label = -1
+            label = _label_id(_label_text(parts), self._class_ids)
             items.append((self.transform(decoded, sample_seed(self.seed, self.epoch, stream + position)), label))
             position += 1
             if len(items) == self.batch:
@@ -277,6 +349,17 @@ class ShardDataset(IterableDataset):
         yield from buf
 
 
+def _label_id(text: str | None, names: dict[str, int]) -> int:
+    """A label text -> a class id: with ``names`` (class name -> id) the text's class (integers
+    compared as numbers: ``03`` is ``3``), else the text as an integer id; -1 when there is none."""
+    if text is None:
+        return -1
+    numeric = re.fullmatch(r"[+-]?\d+", text) is not None
+    if names:
+        return names.get(str(int(text)) if numeric else text, -1)
+    return int(text) if numeric else -1
+
+
 def _collate(items: list, skipped: int) -> dict:
     if not items:
         return {"image": None, "label": torch.zeros(0, dtype=torch.long), "skipped": skipped}
@@ -284,11 +367,22 @@ def _collate(items: list, skipped: int) -> dict:
     return {"image": views, "label": torch.tensor([y for _, y in items]), "skipped": skipped}
 
 
+def _as_png(dataset, i: int) -> bytes | None:
+    """Image ``i`` of a source that decodes (``dataset.read``) as PNG bytes; None (with a warning)
+    for one that does not decode."""
+    buf = io.BytesIO()
+    try:
+        dataset.read(i).save(buf, format="PNG")
+    except (BrokenImageError, OSError) as e:
+        log.warning("not written to the shards: %s", e)
+        return None
+    return buf.getvalue()
+
+
 def write_shards(dataset, out: str, shard_size: int) -> dict:
-    """Write ``dataset`` (an ``ImageFolder`` or an ``ArrayDataset``) as ``OUT/shard-000000.tar``, ...
-    plus ``OUT/shards.json``; folder files are copied byte for byte, arrays written as PNG."""
-
-
+    """Write ``dataset`` (an ``ImageFolder`` or a list of files, an ``ArrayDataset``, or a source with
+    ``read(i)`` such as ``hf:`` data) as ``OUT/shard-000000.tar``, ... plus ``OUT/shards.json``; files
+    are copied byte for byte, other images written as PNG."""
     os.makedirs(out, exist_ok=True)
     n = len(dataset)
     shards, names = {}, []
@@ -304,13 +398,13 @@ def write_shards(dataset, out: str, shard_size: int) -> dict:
                         with open(os.path.join(dataset.root, rel), "rb") as f:
                             data = f.read()
                     else:                                     # tif, gif: re-encoded as PNG
-                        buf = io.BytesIO()
-                        try:
-                            dataset.read(i).save(buf, format="PNG")
-                        except (BrokenImageError, OSError) as e:
-                            log.warning("not written to the shards: %s", e)
+                        data, ext = _as_png(dataset, i), "png"
+                        if data is None:
                             continue
-                        data, ext = buf.getvalue(), "png"
+                elif hasattr(dataset, "read"):               # a source of decoded images (hf:): PNG
+                    data, ext, label = _as_png(dataset, i), "png", int(dataset.labels[i])
+                    if data is None:
+                        continue
                 else:
                     item = dataset[i]
                     arr = item["image"].numpy()

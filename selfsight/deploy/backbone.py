@@ -33,8 +33,10 @@ Formats:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 import traceback
 from pathlib import Path
 
@@ -53,6 +55,8 @@ from selfsight.backbones.vit import SIZES, ViTBackbone
 from selfsight.config import to_dict
 from selfsight.files import atomic_write
 from selfsight.runs import load_run
+
+log = logging.getLogger("selfsight")
 
 FORMATS = ("safetensors", "torchvision", "timm", "hf", "onnx")
 STATE_SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -256,6 +260,9 @@ def _export_onnx(backbone: nn.Module, meta: dict, out: Path) -> None:
     example = torch.randn(2, c, s, s)
     module = _Features(backbone).eval()
     batch = torch.export.Dim("batch", min=1)
+    t0 = time.perf_counter()
+    log.info("exporting %s to ONNX through torch.export (tens of seconds on a CPU for a large model)",
+             meta["backbone"])
     try:
         torch.onnx.export(module, (example,), str(out), input_names=["image"], output_names=["features"],
                           dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False, verbose=False)
@@ -271,6 +278,7 @@ def _export_onnx(backbone: nn.Module, meta: dict, out: Path) -> None:
                          f"({reason[:200]}); "
                          f"the whole error is in {report}; the safetensors, timm, torchvision and hf formats do not "
                          "depend on torch.export") from None
+    log.info("ONNX export done in %.0f s", time.perf_counter() - t0)
     _write_sidecar(out, meta)
 
 

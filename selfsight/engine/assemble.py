@@ -30,7 +30,7 @@ from selfsight.engine.optim import build_optimizer
 from selfsight.engine.sharding import shard_model
 from selfsight.methods import Hooks, build_method, hooks_of
 from selfsight.nn.distributed import rank, world_size
-from selfsight.nn.precision import pick_precision
+from selfsight.nn.precision import grad_scaler, pick_precision
 from selfsight.nn.sync_bn import convert_sync_batchnorm
 from selfsight.runs import starting_state
 
@@ -57,6 +57,7 @@ class Parts:
     probe: OnlineProbe | None
     ddp: nn.Module                      # the model, wrapped in DDP under several processes
     starting: dict | None = None        # where the backbone's starting weights came from (None: random init)
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling (None in bf16 and fp32)
 
 
 def setup_distributed() -> torch.device:
@@ -110,7 +111,8 @@ def _data(cfg: RunConfig, dataset, custom_backbone: bool, r: int) -> tuple[objec
     """The data source (built from ``data.train`` unless given; ``data.cache`` may turn a folder into
     a memory-mapped array), its view recipe and its channels."""
     source = dataset if dataset is not None else \
-        build_dataset(cfg.data.train, cfg.data.root, cfg.data.download, cfg.data.shuffle_buffer)
+        build_dataset(cfg.data.train, cfg.data.root, cfg.data.download, cfg.data.shuffle_buffer,
+                      image_column=cfg.data.image_column, label_column=cfg.data.label_column)
     channels = getattr(source, "channels", 3)
     native, found = native_size(source)
     recipe = resolve_recipe(cfg.views, native, channels)
@@ -203,6 +205,12 @@ def assemble(cfg: RunConfig, run_dir: Path, dataset=None, backbone: nn.Module | 
     fsdp = t.fsdp and world > 1
     if t.fsdp and world == 1:
         log.info("train.fsdp: one process, nothing to shard")
+    if fsdp and amp_dtype == torch.float16:     # the gradient scaler is not checked on sharded (DTensor) grads
+        if t.precision == "fp16":
+            raise ValueError("train.precision=fp16 with train.fsdp is not supported: use bf16 (Ampere or newer), "
+                             "fp32, or DDP (train.fsdp=false)")
+        log.warning("train.precision=auto: this GPU has no native bf16 and fp16 is not supported with FSDP: fp32")
+        amp_dtype = None
     if fsdp:                    # before the optimizer: it must see the sharded parameters
         shard_model(model, device, amp_dtype)
     scaled = {id(p): cfg.backbone.lr_scale for p in net.parameters()} if cfg.backbone.lr_scale != 1 else {}
@@ -218,4 +226,4 @@ def assemble(cfg: RunConfig, run_dir: Path, dataset=None, backbone: nn.Module | 
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
     return Parts(device, r, world, source, recipe, channels, loader, model, hooks, channels_last, amp_dtype, fsdp,
-                 optimizer, compiled, probe, ddp, starting)
+                 optimizer, compiled, probe, ddp, starting, grad_scaler(amp_dtype, device))

@@ -51,6 +51,7 @@ class Checkpointer:
         self.parts, self.cfg, self.path = parts, cfg, run_dir / CHECKPOINT
         self.saved_step: int | None = None    # of the last checkpoint written or resumed from
         self.starting = parts.starting        # where the starting weights came from, kept across resumes
+        self.trackers: dict = {}              # {tracker: its run id} (W&B, MLflow): --resume continues them
 
     def state(self, step: int, total_steps: int, elapsed: float, full: tuple[dict, dict] | None = None) -> dict:
         """The checkpoint. ``full``: the (model, optimizer) states of a sharded model, gathered by
@@ -59,13 +60,16 @@ class Checkpointer:
         probe = {"online_probe": p.probe.state_dict_full()} if p.probe is not None else {}
         model, optimizer = full if full is not None else (p.model.state_dict(), p.optimizer.state_dict())
         fmt = {"optimizer_format": OPTIMIZER_FORMAT} if full is not None else {}
+        if p.scaler is not None:            # fp16: the loss scale and its growth counter
+            fmt["grad_scaler"] = p.scaler.state_dict()
         return {**probe, **fmt, "format_version": FORMAT_VERSION, "model": model,
                 "optimizer": optimizer, "step": step, "total_steps": total_steps,
                 "elapsed": elapsed, "rng": rng_state(), "loader": p.loader.state_dict(),
                 "config": to_dict(self.cfg),
                 "meta": {"method": self.cfg.method.name, "backbone": self.cfg.backbone.name,
                          "preprocess": preprocess_meta(p.recipe, p.channels), "selfsight": __version__,
-                         "world_size": p.world, **({"starting_weights": self.starting} if self.starting else {})}}
+                         "world_size": p.world, **({"starting_weights": self.starting} if self.starting else {}),
+                         **({"trackers": self.trackers} if self.trackers else {})}}
 
     def save(self, step: int, total_steps: int, elapsed: float) -> None:
         p = self.parts
@@ -106,8 +110,11 @@ class Checkpointer:
                 load_full_state(p.model, p.optimizer, ck["model"], ck["optimizer"])
             else:
                 p.optimizer.load_state_dict(ck["optimizer"])
+        if p.scaler is not None and "grad_scaler" in ck:     # else (a bf16/fp32 checkpoint): the initial scale
+            p.scaler.load_state_dict(ck["grad_scaler"])
         self.saved_step = ck["step"]
         self.starting = ck["meta"].get("starting_weights", self.starting)
+        self.trackers = dict(ck["meta"].get("trackers", {}))
         if p.probe is not None and "online_probe" in ck:        # a checkpoint without one: a fresh probe
             p.probe.load_state_dict_full(ck["online_probe"])
         if ck["meta"].get("world_size", 1) == p.world:

@@ -1,6 +1,6 @@
 """What a run writes beside its checkpoint while it trains: ``config.yaml``, ``metrics.jsonl`` (one
-row per log window; TensorBoard gets the same scalars under ``tb/``), the collapse warnings, and
-the method's pictures at the end. Only the main process writes.
+row per log window; the trackers of ``train.loggers`` get the same scalars: ``trackers``), the
+collapse warnings, and the method's pictures at the end. Only the main process writes.
 
 A log window's counters (``Window``) stay on the device between log steps: the summed loss of
 the finite steps and their count, so a step reads nothing back; ``flush`` reads them once.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,12 @@ from pathlib import Path
 import torch
 import torchvision.utils as vutils
 
-from selfsight.config import save_config
+from selfsight.config import save_config, to_dict
+from selfsight.engine.errors import TrainingError
 from selfsight.engine.monitor import collapse_warning
 from selfsight.engine.sharding import gathered
-from selfsight.nn.distributed import is_main
+from selfsight.engine.trackers import Start, Trackers, flat_params, logger_names, open_trackers, scalars
+from selfsight.nn.distributed import any_rank_true, is_main
 
 log = logging.getLogger("selfsight")
 
@@ -44,30 +47,52 @@ class RunLog:
         self.cfg, self.run_dir, self.loader, self.device = cfg, run_dir, loader, device
         self.steps_per_epoch = steps_per_epoch
         self.metrics = None
-        self.writer = None
+        self.trackers = Trackers([])
+        self.status = "failed"          # until ``finish``: how the trackers' runs end
         self.collapse_warnings = 0
 
-    def open(self, resume: bool) -> None:
+    def open(self, resume: bool, tracker_ids: dict, step: int) -> dict:
         """``config.yaml`` (the config that runs), ``metrics.jsonl`` (appended on resume; a new run in
-        a folder without a checkpoint, one stopped before its first, starts a new log), TensorBoard."""
-        if not is_main():
-            return
+        a folder without a checkpoint, one stopped before its first, starts a new log), the trackers of
+        ``train.loggers`` (``tracker_ids``: their runs, from the checkpoint). Returns the tracker run
+        ids for the checkpoint (those of trackers left out this session are kept). A failure on the
+        main process (a tracker that cannot start) stops every process: they agree on it here."""
+        ids, error = tracker_ids, None
+        if is_main():
+            try:
+                ids = self._open(resume, tracker_ids, step)
+            except Exception as e:
+                error = e
+        if any_rank_true(error is not None):
+            raise error if error is not None else TrainingError("the run could not start on the main process")
+        return ids
+
+    def _open(self, resume: bool, tracker_ids: dict, step: int) -> dict:
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
+        start = Start(self.run_dir, self.cfg.train.project, flat_params(to_dict(self.cfg)), None, resume, step)
+        try:
+            self.trackers = open_trackers(logger_names(self.cfg.train), start, tracker_ids)
+        except Exception:
+            if created:                 # a tracker that cannot start leaves no new folder behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self.metrics = open(self.run_dir / "metrics.jsonl", "a" if resume else "w")
-        if self.cfg.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional extra: selfsight[tensorboard]
-                self.writer = SummaryWriter(str(self.run_dir / "tb"))
-            except ImportError:
-                log.info("tensorboard is not installed (pip install 'selfsight[tensorboard]'): "
-                         "logging to metrics.jsonl only")
+        return {**tracker_ids, **self.trackers.ids}
+
+    def finish(self, summary: dict, pictures: dict) -> None:
+        """The end of a session that trained to its budget or to a signal: the pictures written and
+        the summary (``final/steps``, ``final/minutes``, ...) go to the trackers."""
+        step = summary["steps"]
+        self.trackers.pictures(pictures, step)
+        self.trackers.summary({f"final/{k}": v for k, v in summary.items()}, step)
+        self.status = "stopped" if summary.get("stopped_by_signal") else "finished"
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.trackers.close(self.status)
 
     def window(self, t: float | None = None) -> Window:
         """A new log window started at ``t`` (now)."""
@@ -79,10 +104,7 @@ class RunLog:
             return
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"train/{k}", v, row["step"])
+        self.trackers.log(scalars(row), row["step"])
 
     def flush(self, w: Window, sched: dict, step: int, elapsed: float, bar=None, extra: dict | None = None) -> Window:
         """Write the window's row (the one host read of its counters) and return the next window."""
@@ -116,22 +138,26 @@ class RunLog:
         return self.window(now)
 
 
-def write_pictures(hooks, model, batch: dict, run_dir: Path, sharded: bool) -> None:
+def write_pictures(hooks, model, batch: dict, run_dir: Path, sharded: bool) -> dict:
     """The method's pictures of a batch (e.g. MIM masks and reconstructions) as
     ``run_dir/pictures/NAME.png`` (main process; a failure is logged, the run is kept). A sharded
-    model computes them on every process (gathering parameters is collective)."""
+    model computes them on every process (gathering parameters is collective). Returns
+    ``{name: path}`` of the files written."""
+    written = {}
     if hooks.pictures is None or not (is_main() or sharded):
-        return
+        return written
     try:
         with gathered(model):
             pictures = hooks.pictures(batch)
         if not is_main():
-            return
+            return written
         out = run_dir / "pictures"
         out.mkdir(parents=True, exist_ok=True)
         for name, image in pictures.items():
             tmp = out / f".{name}.tmp.png"
             vutils.save_image(image.float().cpu(), tmp)
             os.replace(tmp, out / f"{name}.png")
+            written[name] = out / f"{name}.png"
     except Exception as e:                      # pictures are a by-product: never lose the run for them
         log.warning("could not write pictures: %s", e)
+    return written

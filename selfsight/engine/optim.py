@@ -208,8 +208,10 @@ class NonfiniteCounts:
         self.in_row = 0                 # as last read: the current streak
         self.seen = 0                   # as last read: the session's total
 
-    def add(self, ok: torch.Tensor) -> None:
-        self.run.copy_(torch.where(ok, 0, self.run + 1))
+    def add(self, ok: torch.Tensor, streak_ok: torch.Tensor | None = None) -> None:
+        """``ok``: the step was taken; ``streak_ok`` (default ``ok``): the step does not extend the
+        streak (an fp16 overflow the gradient scaler skipped is counted but is no streak)."""
+        self.run.copy_(torch.where(ok if streak_ok is None else streak_ok, 0, self.run + 1))
         torch.maximum(self.worst, self.run, out=self.worst)
         self.total += ~ok
 

@@ -2,9 +2,10 @@
 autocast and DDP, with checkpoints and logs. Methods only compute ``{"loss": ...}`` (house plan).
 
 The parts are built by ``assemble``; the budget and schedules are ``Budget``; checkpoints are
-``Checkpointer``; ``metrics.jsonl`` and TensorBoard are ``RunLog``. What is here reads top to
-bottom: ``fit`` (start, loop, finish), ``_loop`` (one epoch after another, one step after another,
-and what a step is followed by) and ``_step`` (one optimizer step without a host read).
+``Checkpointer``; ``metrics.jsonl`` and the trackers of ``train.loggers`` are ``RunLog``. What is
+here reads top to bottom: ``fit`` (start, loop, finish), ``_loop`` (one epoch after another, one
+step after another, and what a step is followed by) and ``_step`` (one optimizer step without a
+host read).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
+from selfsight import progress
 from selfsight.backbones.factory import custom_name
 from selfsight.config import RunConfig
 from selfsight.engine.assemble import assemble
@@ -31,8 +32,10 @@ from selfsight.engine.logs import RunLog, Window, write_pictures
 from selfsight.engine.monitor import embedding_stats
 from selfsight.engine.optim import NonfiniteCounts, clip_gradients, gradients_finite, step_unless_nonfinite
 from selfsight.engine.sharding import gathered
+from selfsight.engine.trackers import check_loggers
 from selfsight.nn.distributed import all_ranks, is_main
-from selfsight.nn.precision import autocast
+from selfsight.nn.precision import autocast, precision_name
+from selfsight.progress import Progress
 
 log = logging.getLogger("selfsight")
 
@@ -45,6 +48,7 @@ class Trainer:
         t = cfg.train
         if not (t.epochs or t.steps or t.minutes):
             raise ValueError("give a budget: train.epochs, train.steps or train.minutes (--epochs/--steps/--minutes)")
+        check_loggers(t)            # a tracker's missing extra: one line before the data and model are built
         if backbone is not None and not cfg.backbone.name.startswith("python:"):
             cfg = copy.deepcopy(cfg)                # the run records what it trained (runs.rebuild_hint)
             cfg.backbone.name = custom_name(backbone)
@@ -88,14 +92,15 @@ class Trainer:
         elif ck_path.exists():
             raise TrainingError(f"{self.run_dir} already holds a run: pass --resume to continue it or choose another --out")
         created = is_main() and not self.run_dir.exists()
-        self.log.open(self.resume)
+        self.checkpoints.trackers = self.log.open(self.resume, self.checkpoints.trackers, self.step)
         in_main_thread = threading.current_thread() is threading.main_thread()
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
             if in_main_thread else {}
         self._log_start()
         bar = None
-        if self.cfg.train.progress and is_main():
-            bar = tqdm(total=self.budget.total_steps or None, initial=self.step, dynamic_ncols=True, unit="step")
+        if self.cfg.train.progress and is_main():     # a bar on a terminal, else a line every 30 s
+            bar = Progress(self.budget.total_steps or None, "training", unit="steps", initial=self.step,
+                           period=progress.TRAINING_PERIOD, leave=True)
         self.model.train()
         window = self.log.window()
         if hasattr(self.dataset, "cache_file"):     # an array cache: the files it left out, counted once a session
@@ -135,8 +140,7 @@ class Trainer:
                 self.elapsed = start_elapsed + time.perf_counter() - session_start
                 if self.budget.stepped(self.step, self.elapsed, first=self.step == 1 + self._resumed_at) \
                         and bar is not None:
-                    bar.total = self.budget.total_steps
-                    bar.refresh()
+                    bar.set_total(self.budget.total_steps)
                 if bar is not None:
                     bar.update(1)
                 done = self.budget.should_stop(self.step, self.elapsed, self._stop_signal is not None)
@@ -158,8 +162,8 @@ class Trainer:
         self.save()
         if is_main() and self.hooks.write_artifacts is not None:     # e.g. a tokenizer's RUN/tokenizer.pt
             self.hooks.write_artifacts(self.run_dir)
-        if batch is not None:
-            self.write_pictures(batch)
+        pictures = self.write_pictures(batch) if batch is not None else {}
+        self.log.finish(self._summary(), pictures)         # to the trackers of train.loggers
 
     def _step(self, batch: dict, sched: dict, window: Window) -> None:
         """One optimizer step without a host read (outside log steps): backward always, the
@@ -174,21 +178,32 @@ class Trainer:
             window.monitor = embedding_stats(out["embedding"]) if "embedding" in out else {}
             window.monitor.update({k: float(v) for k, v in out.get("monitor", {}).items()})
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler = self.parts.scaler
+        if scaler is None:
+            loss.backward()
+        else:                   # fp16: the scaled loss backward, the gradients unscaled before any use
+            scaler.scale(loss).backward()
+            scaler.unscale_(self.optimizer)
         # a finite loss can still give non-finite gradients (seen with CPU bf16 convolutions on 1x1
-        # maps): such a step would write NaN into the weights, so it is skipped too
-        ok = all_ranks(torch.isfinite(loss.detach()) & gradients_finite(self.model.parameters()))
+        # maps; fp16 overflows): such a step would write NaN into the weights, so it is skipped too
+        loss_ok = torch.isfinite(loss.detach())
+        ok = all_ranks(loss_ok & gradients_finite(self.model.parameters()))
         if o.clip_grad > 0:
             clip_gradients(self.model.parameters(), o.clip_grad, o.clip_mode)
         if self.hooks.before_optimizer_step is not None:      # e.g. DINO's frozen last layer
             self.hooks.before_optimizer_step(sched)
         step_unless_nonfinite(self.optimizer, ok)
+        if scaler is not None:
+            scaler.update()     # an overflow halves the scale; 2000 clean steps double it
         if self.hooks.after_step is not None:
             self.hooks.after_step({**sched, "finite": ok})
         window.loss += torch.where(ok, loss.detach().float(), 0.0)
         window.n += ok
         window.steps += 1
-        self.nonfinite.add(ok)
+        # an fp16 overflow with a finite loss is the scaler's business: counted, never a streak
+        self.nonfinite.add(ok, ok if scaler is None else all_ranks(loss_ok))
+        if scaler is not None and (self.step + 1) % self.cfg.train.log_every == 0 and is_main():
+            window.monitor["grad_scale"] = scaler.get_scale()
 
     def _read_counters(self) -> None:
         """The non-finite counters read on the host (log and checkpoint steps, the last step): a
@@ -199,8 +214,8 @@ class Trainer:
             raise TrainingError(f"loss or gradients were not finite for {worst} steps in a row (step {self.step - 1});"
                                 f" last good checkpoint kept in {self.checkpoints.path}")
 
-    def write_pictures(self, batch: dict) -> None:
-        write_pictures(self.hooks, self.model, batch, self.run_dir, self.parts.fsdp)
+    def write_pictures(self, batch: dict) -> dict:
+        return write_pictures(self.hooks, self.model, batch, self.run_dir, self.parts.fsdp)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -213,7 +228,8 @@ class Trainer:
         log.info("%s on %s: %d images, global batch %d (%d per process x %d), %d steps/epoch, lr %.4g "
                  "(base %.4g, %s scaling), precision %s", cfg.method.name, self.device, len(self.dataset),
                  cfg.data.batch_size, cfg.data.batch_size // p.world, p.world, self.steps_per_epoch,
-                 self.budget.lr, cfg.optim.lr, cfg.optim.lr_scaling, self.amp_dtype or "fp32")
+                 self.budget.lr, cfg.optim.lr, cfg.optim.lr_scaling,
+                 precision_name(self.amp_dtype) + (" with a gradient scaler" if self.parts.scaler else ""))
 
     def _finish(self, old_handlers: dict, bar) -> None:
         if self.compiled:       # the model left behind (evaluation, export, pictures) runs eagerly
@@ -234,9 +250,11 @@ class Trainer:
         if self._stop_signal is not None and is_main():
             log.warning("stopped by signal %d at step %d; checkpoint written, resume with --resume",
                         self._stop_signal, self.step)
+        return {**self._summary(), "run_dir": str(self.run_dir), "signal": int(self._stop_signal or 0)}
+
+    def _summary(self) -> dict:
         return {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "minutes": self.elapsed / 60,
-                "run_dir": str(self.run_dir), "stopped_by_signal": self._stop_signal is not None,
-                "signal": int(self._stop_signal or 0), "nonfinite_steps": total}
+                "stopped_by_signal": self._stop_signal is not None, "nonfinite_steps": self.nonfinite.seen}
 
 
 def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, dataset=None,

@@ -44,7 +44,7 @@ from selfsight.eval.labels import labeled_pair
 from selfsight.eval.linear import accuracy
 from selfsight.methods import hooks_of
 from selfsight.nn.images import to_channels
-from selfsight.nn.precision import autocast, pick_precision
+from selfsight.nn.precision import autocast, grad_scaler, pick_precision
 from selfsight.runs import load_run
 from selfsight.schedules import cosine, scaled_lr
 
@@ -281,6 +281,7 @@ def fit(job: _Job) -> tuple[list[float], int]:
     torch.manual_seed(s.seed)                 # drop path
     clf.train()                               # BatchNorm in train mode (ResNets), drop path on (ViTs)
     step, history = 0, []
+    scaler = grad_scaler(job.amp, dev)
     for epoch in range(s.epochs):
         total_loss, n = torch.zeros((), device=dev), 0
         for batch in job.loader.epoch(epoch):
@@ -292,8 +293,13 @@ def fit(job: _Job) -> tuple[list[float], int]:
                 logits = clf(x)                                                  # B×K
             loss = F.cross_entropy(logits.float(), y, label_smoothing=s.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:               # fp16 (auto on a pre-Ampere GPU): scaled, an overflow step skipped
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             total_loss += loss.detach()
             n += 1
             step += 1

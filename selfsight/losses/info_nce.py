@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfsight.losses.common import upcast
+from selfsight.losses.common import fp32_loss, upcast
 from selfsight.nn.distributed import gather_no_grad, rank
 
 
+@fp32_loss
 def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """q: N×d queries (with grad), k: N×d keys (no grad), queue: K×d keys; all L2-normalized."""
     q, k = upcast(q), upcast(k.detach())
@@ -28,6 +29,7 @@ def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temper
     return F.cross_entropy(logits, labels)
 
 
+@fp32_loss
 def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
     """q: N×d predictions (with grad), k: N×d momentum-encoder keys of the other view."""
     q = F.normalize(upcast(q), dim=1)

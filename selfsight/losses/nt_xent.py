@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfsight.losses.common import upcast
+from selfsight.losses.common import fp32_loss, upcast
 from selfsight.nn.distributed import gather_with_grad, rank
 
 LARGE = 1e9
 
 
+@fp32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, reduction: str = "sum") -> torch.Tensor:
     """z1, z2: B×D projections of two views (local batch). Returns a scalar."""
     z1 = F.normalize(upcast(z1), dim=1)                                    # bf16/fp16 -> fp32, fp64 stays

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfsight.losses.common import upcast
+from selfsight.losses.common import fp32_loss, upcast
 from selfsight.nn.distributed import all_reduce_sum_with_grad, gather_with_grad, world_size
 
 
@@ -28,6 +28,7 @@ def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
     return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
 
 
+@fp32_loss
 def barlow_twins_loss(z1n: torch.Tensor, z2n: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:
     """z1n, z2n: N×D projections already batch-normalized over the global batch (affine-free BN)."""
     z1n, z2n = upcast(z1n), upcast(z2n)
@@ -38,6 +39,7 @@ def barlow_twins_loss(z1n: torch.Tensor, z2n: torch.Tensor, lambd: float = 0.005
     return on_diag + lambd * off_diag
 
 
+@fp32_loss
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
                 cov_coeff: float = 1.0) -> torch.Tensor:
     """z1, z2: N×D expander outputs of the two views (local batch)."""

@@ -35,6 +35,7 @@ from selfsight.losses.dino import dino_loss, dino_monitor, teacher_probs, update
 from selfsight.methods import register_method
 from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
 from selfsight.nn.multicrop import group_by_resolution
+from selfsight.nn.undo import StepUndo
 from selfsight.schedules import linear_warmup
 
 
@@ -67,6 +68,7 @@ class DINO(nn.Module):
         self.teacher = without_drop_path(momentum_copy(self.student))
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, params.out_dim))          # 1×K, checkpointed
+        self.undo = StepUndo()
 
     @property
     def backbone(self) -> nn.Module:
@@ -89,6 +91,7 @@ class DINO(nn.Module):
     def after_step(self, sched: dict) -> None:
         momentum_update([self.teacher, self.teacher_head], [self.student, self.head],
                         sched.get("momentum", self.params.momentum), sched.get("finite"))
+        self.undo.settle(sched.get("finite"))
 
     def training_step(self, batch: dict, sched: dict) -> dict:
         views = batch["views"]                                                  # 2 global + n local
@@ -105,6 +108,7 @@ class DINO(nn.Module):
         loss = dino_loss(list(student_logits), list(t_chunks), self.params.student_temp)
         monitor = {**dino_monitor(t_p, student_logits[:n_global], self.params.student_temp),
                    "dino_teacher_temp": tau_t}
+        self.undo.keep(self.center)                                             # put back on a skipped step
         update_center(self.center, t_logits, self.params.center_momentum)      # after the loss
         b = views[0].shape[0]
         return {"loss": loss, "embedding": feats[0][:b].detach(), "monitor": monitor}

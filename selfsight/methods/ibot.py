@@ -50,6 +50,7 @@ from selfsight.methods.dino import DINO_VIT_OPTIM
 from selfsight.methods.mim import MaskParams
 from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
 from selfsight.nn.multicrop import group_by_resolution
+from selfsight.nn.undo import StepUndo
 from selfsight.schedules import linear_warmup
 
 N_GLOBAL = 2
@@ -109,6 +110,7 @@ class IBOT(nn.Module):
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, p.out_dim))              # c1: 1×K, checkpointed
         self.register_buffer("patch_center", torch.zeros(1, p.out_dim))        # c2: 1×K, checkpointed
+        self.undo = StepUndo()
         grid = backbone.net.patch_embed.grid_size
         self.masker = build_masker(p.mask, backbone.patch_size, views, p.mask.min_patches
                                    or max(1, (min(grid) // 3) ** 2))
@@ -141,6 +143,7 @@ class IBOT(nn.Module):
     def after_step(self, sched: dict) -> None:
         momentum_update([self.teacher, self.teacher_head], [self.student, self.head],
                         sched.get("momentum", self.params.momentum), sched.get("finite"))
+        self.undo.settle(sched.get("finite"))
 
     def _masks(self, batch: dict, epoch: float) -> list[torch.Tensor]:
         """N_GLOBAL bool masks B×N (True = masked); all False for a crop not masked or before pred_start_epoch."""
@@ -184,6 +187,8 @@ class IBOT(nn.Module):
         monitor = {**dino_monitor(t_p, s_cls[:N_GLOBAL], p.student_temp), "ibot_cls_loss": loss_cls.detach(),
                    "ibot_patch_loss": loss_patch.detach(), "ibot_patch_entropy_ratio": ent / math.log(p.out_dim),
                    "mask_ratio": mask.float().mean(), "ibot_teacher_temp": tau, "ibot_teacher_patch_temp": tau_patch}
+        self.undo.keep(self.center)                                             # put back on a skipped step
+        self.undo.keep(self.patch_center)
         update_center(self.center, t_cls, p.center_momentum)                   # after the loss
         update_patch_center(self.patch_center, t_patch, p.patch_center_momentum)
         b = views[0].shape[0]

@@ -38,6 +38,7 @@ from selfsight.methods import register_method
 from selfsight.nn.distributed import gather_no_grad, world_size
 from selfsight.nn.momentum import momentum_copy, momentum_update
 from selfsight.nn.shuffle_bn import convert_split_bn, shuffled_forward
+from selfsight.nn.undo import StepUndo
 
 
 @dataclass
@@ -71,6 +72,7 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(params.queue_size, params.dim), dim=1))   # K×d
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._ptr: int | None = 0           # queue_ptr on the host, so the step reads nothing from the device
+        self.undo = StepUndo()
         self.register_load_state_dict_post_hook(_forget_pointer)
 
     @property
@@ -84,6 +86,9 @@ class MoCo(nn.Module):
     def schedules(self) -> dict:
         p = self.params
         return {"momentum": (p.momentum, p.momentum if p.momentum_end < 0 else p.momentum_end)}
+
+    def after_step(self, sched: dict) -> None:
+        self.undo.settle(sched.get("finite"))
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(upcast(self.head(self.student(x))), dim=1)
@@ -109,6 +114,7 @@ class MoCo(nn.Module):
         # non-finite keys (a step the engine skips) leave the queue as it was, decided on the device;
         # the pointer still moves on (the oldest keys stay one more round)
         old = self.queue[ptr:ptr + n]
+        self.undo.keep(self.queue, slice(ptr, ptr + n))     # a skipped step puts the old keys back (after_step)
         self.queue[ptr:ptr + n] = torch.where(torch.isfinite(keys).all(), keys.to(self.queue.dtype), old)
         self._ptr = (ptr + n) % size
         self.queue_ptr.fill_(self._ptr)

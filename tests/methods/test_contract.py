@@ -6,19 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch.nn as nn
+from helpers import SMALL_METHOD as SMALL, tiny_overrides
 
-from helpers import tiny_overrides
 from selfsight.methods import METHODS, MethodContractError, build_method, hooks_of
 from selfsight.resolve import load_config
 
-VIT = {"backbone.name": "vit_tiny", "backbone.patch_size": 4, "backbone.depth": 1, "views.size": 28}
-SMALL = {"dino": {"method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
-         "ibot": {**VIT, "method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
-         "mocov1": {"method.queue_size": 64}, "mocov2": {"method.queue_size": 64},
-         "tokenizer": {"method.vocab_size": 16, "method.hidden": 8, "method.dim": 8},
-         **{m: {**VIT, "method.head.decoder_dim": 16, "method.head.decoder_depth": 1, "method.head.decoder_heads": 2}
-            for m in ("mim", "mae")},
-         "maskfeat": {**VIT, "method.target.hog_cell": 4}}
 # the optional hooks each method has (what the engine will call)
 EXPECTED = {"simclr": {"finetune_network"}, "simsiam": {"finetune_network", "fixed_lr_parameters"},
             "byol": {"after_step", "finetune_network", "schedules"},
