@@ -111,7 +111,7 @@ class RunLog:
         now = time.perf_counter()
         span = max(now - w.t, 1e-9)
         n_ok = int(w.n)
-        loss = (w.loss / max(n_ok, 1)).item()
+        loss = (w.loss / n_ok).item() if n_ok else float("nan")     # no step of the window was taken
         wait = (self.loader.wait - w.wait) / span
         aug = (self.loader.augment_time - w.aug) / span
         ips = max(w.steps, 1) * self.cfg.data.batch_size / span

@@ -246,7 +246,10 @@ class Trainer:
     def _result(self) -> dict:
         total = self.nonfinite.seen
         if total and is_main():
-            log.warning("%d steps with a non-finite loss or gradients were skipped", total)
+            log.warning("%d steps with a non-finite loss or gradients were skipped%s", total,
+                        "; under fp16 these include the overflows of the gradient scaler's first steps, where it "
+                        "lowers its scale until the gradients fit (grad_scale in metrics.jsonl)"
+                        if self.parts.scaler is not None else "")
         if self._stop_signal is not None and is_main():
             log.warning("stopped by signal %d at step %d; checkpoint written, resume with --resume",
                         self._stop_signal, self.step)
