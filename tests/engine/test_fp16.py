@@ -111,7 +111,10 @@ def test_the_scale_is_checkpointed_and_resumed(tmp_path, fmnist_small, monkeypat
 @pytest.mark.parametrize("name", ["simclr", "mocov2", "mocov3", "simsiam", "byol", "dino", "barlow_twins", "vicreg",
                                   "ibot", "mae", "maskfeat", "tokenizer"])
 def test_every_method_computes_its_loss_in_fp32_under_fp16(tmp_path, fmnist_small, name):
-    cfg = load_config(overrides=tiny_overrides(**{"method.name": name, "train.steps": 1, **SMALL_METHOD.get(name, {})}))
+    # Barlow Twins and VICReg at 4096-d (8192 by default): wide enough that fp16 products overflow
+    wide = {"method.proj_dim": 4096} if name in ("barlow_twins", "vicreg") else {}
+    cfg = load_config(overrides=tiny_overrides(**{"method.name": name, "train.steps": 1, "data.batch_size": 16,
+                                                  **SMALL_METHOD.get(name, {}), **wide}))
     tr = Trainer(cfg, tmp_path / "run", dataset=fmnist_small)
     batch, sched = next(iter(tr.loader.epoch(0))), tr.schedule(0)
     losses = {}
