@@ -130,33 +130,10 @@ class ImageFolder(Dataset):
         return len(self._labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        n, index = len(self), int(index)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} images")
-        i = index % n
-        skipped = tries = 0
-        for _ in range(n):
-            if i not in self._bad:
-                path = os.path.join(self.root, self._path(i))
-                tries += 1
-                try:
-                    image = self.read(i)
-                except (BrokenImageError, OSError) as e:
-                    self._bad.add(i)
-                    why = e.reason if isinstance(e, BrokenImageError) else f"{type(e).__name__}: {e}"
-                    _warn_once(f"skipping unreadable image {path}: {why}")
-                    if tries >= MAX_TRIES:
-                        break
-                else:
-                    if self.transform is not None:
-                        image = self.transform(image)
-                    return {"image": image, "label": int(self._labels[i]), "skipped": skipped}
-            skipped += 1
-            i = (i + 1) % n
-        raise RuntimeError(
-            f"no readable image found in {tries} tries starting at index {index} of "
-            f"{self.root} ({len(self._bad)} unreadable files known so far)"
-        )
+        def warning(i: int, e: Exception) -> str:
+            why = e.reason if isinstance(e, BrokenImageError) else f"{type(e).__name__}: {e}"
+            return f"skipping unreadable image {os.path.join(self.root, self._path(i))}: {why}"
+        return read_or_next(self, index, warning, ("index", "images", "files"))
 
     def image_sizes(self, n: int = 64) -> list[tuple[int, int]]:
         """(width, height) of up to ``n`` images spread over the index, from their headers only (no
@@ -553,6 +530,38 @@ def _stale(root: str, info: dict[str, Any]) -> str:
         if mtime > limit:
             return f"{path} was modified just before it was indexed"
     return ""
+
+
+def read_or_next(dataset, index: int, warning, words: tuple[str, str, str]) -> dict[str, Any]:
+    """Item ``index`` of an indexed image source (``read(i)``, ``transform``, ``_labels``, ``_bad``,
+    ``root``), or (when it does not decode) the next one that does, with ``skipped`` the entries
+    passed over; after ``MAX_TRIES`` failures in a row a RuntimeError. ``warning(i, error)``: the
+    line logged once per kind of failure; ``words``: what the messages call a position, the items
+    and the unreadable ones (``("index", "images", "files")``)."""
+    at, items, bad = words
+    n, index = len(dataset), int(index)
+    if not -n <= index < n:
+        raise IndexError(f"index {index} out of range for {n} {items}")
+    i = index % n
+    skipped = tries = 0
+    for _ in range(n):
+        if i not in dataset._bad:
+            tries += 1
+            try:
+                image = dataset.read(i)
+            except (BrokenImageError, OSError) as e:
+                dataset._bad.add(i)
+                _warn_once(warning(i, e))
+                if tries >= MAX_TRIES:
+                    break
+            else:
+                if dataset.transform is not None:
+                    image = dataset.transform(image)
+                return {"image": image, "label": int(dataset._labels[i]), "skipped": skipped}
+        skipped += 1
+        i = (i + 1) % n
+    raise RuntimeError(f"no readable image found in {tries} tries starting at {at} {index} of "
+                       f"{dataset.root} ({len(dataset._bad)} unreadable {bad} known so far)")
 
 
 def _warn_once(msg: str) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from selfsight.data.folder import MAX_TRIES, _warn_once
+from selfsight.data.folder import read_or_next
 from selfsight.data.images import BrokenImageError, decode_image, is_image_file, load_image, load_image_or_jpeg
 from selfsight.data.lists import class_ids
 
@@ -127,27 +127,8 @@ class HFImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Row ``index``, or (when it does not decode) the next one that does, with ``skipped`` the
         rows passed over; after ``MAX_TRIES`` failures in a row a RuntimeError."""
-        n, index = len(self), int(index)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} rows")
-        i, skipped, tries = index % n, 0, 0
-        for _ in range(n):
-            if i not in self._bad:
-                tries += 1
-                try:
-                    image = self.read(i)
-                except (BrokenImageError, OSError) as e:
-                    self._bad.add(i)
-                    _warn_once(f"skipping an unreadable image: {_why(e)}")
-                    if tries >= MAX_TRIES:
-                        break
-                else:
-                    image = self.transform(image) if self.transform is not None else image
-                    return {"image": image, "label": int(self._labels[i]), "skipped": skipped}
-            skipped += 1
-            i = (i + 1) % n
-        raise RuntimeError(f"no readable image found in {tries} tries starting at row {index} of {self.root} "
-                           f"({len(self._bad)} unreadable rows known so far)")
+        return read_or_next(self, index, lambda i, e: f"skipping an unreadable image: {_why(e)}",
+                            ("row", "rows", "rows"))
 
     def read(self, i: int):
         """Decode row ``i`` (RGB PIL image); raises BrokenImageError or OSError, no skipping."""
