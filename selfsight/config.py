@@ -148,6 +148,7 @@ class BackboneConfig:
     depth: int = setting(0, at_least=0)             # ViTs: number of blocks; 0 = the size's own (12)
     layer_scale: float = setting(0.0, at_least=0)   # ViTs: LayerScale init value (CaiT; BEiT 0.1); 0 = off
     rel_pos_bias: bool = False         # ViTs: BEiT's shared relative position bias (dense input at the build size)
+    registers: int = setting(0, at_least=0)        # ViTs: register tokens (Darcet et al. 2024; DINOv2 reg4: 4); 0 = none
     sync_bn: bool = True               # SyncBatchNorm under DDP (SimCLR's global BN)
     channels_last: bool = True         # ConvNets
     grad_checkpointing: bool = False   # recompute activations in backward (timm ViT blocks, ResNet stages)
@@ -176,6 +177,8 @@ class OptimConfig:
     clip_grad: float = setting(0.0, at_least=0)     # max grad norm; 0 = off
     clip_mode: str = setting("global", choices=("global", "per_param"))  # global (one norm over all parameters) | per_param (DINO: each tensor)
     trust_coefficient: float = setting(1e-3, at_least=0)   # LARS eta
+    layer_decay: float = setting(1.0, above=0)     # ViTs: the backbone's block b learns at lr x this^(depth - b) (DINOv2 0.9); 1 = off
+    patch_embed_lr_scale: float = setting(1.0, above=0)   # ViTs: the patch embedding's lr x this (DINOv2 0.2)
 
 
 LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")

@@ -21,6 +21,8 @@ VIT = {"backbone.name": "vit_tiny", "backbone.patch_size": 4, "backbone.depth": 
 # each method small enough for a one-step test (heads, queues, a 1-block ViT)
 SMALL_METHOD = {"dino": {"method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
                 "ibot": {**VIT, "method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
+                "dinov2": {**VIT, "method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
+                "distill": {"method.teacher": str(Path(__file__).parent / "engine" / "old_run")},  # a tiny MoCo v2 run
                 "mocov1": {"method.queue_size": 64}, "mocov2": {"method.queue_size": 64},
                 "tokenizer": {"method.vocab_size": 16, "method.hidden": 8, "method.dim": 8},
                 **{m: {**VIT, "method.head.decoder_dim": 16, "method.head.decoder_depth": 1,

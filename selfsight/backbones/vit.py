@@ -10,7 +10,11 @@ number of visible patches). ``enable_masking(mode)`` switches a built backbone t
 ``pos_embed="sincos"`` fixes the position embedding to MAE's 2-D sine-cosine table (class
 token row zero, not trained); ``"learned"`` keeps timm's. ``depth`` > 0 overrides the number
 of blocks (small ViTs for CPU budgets). ``layer_scale`` > 0 turns on LayerScale with that
-initial value (timm ``init_values``; BEiT uses 0.1). ``rel_pos_bias=True`` adds BEiT's shared
+initial value (timm ``init_values``; BEiT uses 0.1; DINOv2 1e-5). ``registers`` > 0 adds that many
+register tokens (Darcet et al. 2024, "Vision Transformers Need Registers"; timm ``reg_tokens``):
+extra learned tokens after the class token that every block attends to and nothing reads out;
+they are never patch tokens (``Features.patch`` and every dense output skip ``num_prefix_tokens``).
+``rel_pos_bias=True`` adds BEiT's shared
 relative position bias (Bao et al. 2022, §2.2; ``beit/modeling_pretrain.py``: one table of
 (2h−1)(2w−1)+3 entries per head, class-token rows included, zero-initialised, added to the
 attention logits of every block); ``pos_embed="none"`` then drops the absolute embedding (BEiT's
@@ -40,7 +44,7 @@ class ViTBackbone(nn.Module):
     def __init__(self, name: str = "vit_small", img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  drop_path: float = 0.0, mask_mode: str = "none", pos_embed: str = "learned", depth: int = 0,
                  layer_scale: float = 0.0, rel_pos_bias: bool = False, grad_checkpointing: bool = False,
-                 net: nn.Module | None = None):
+                 registers: int = 0, net: nn.Module | None = None):
         super().__init__()
         if pos_embed not in ("learned", "sincos", "none"):
             raise ValueError(f"backbone.pos_embed must be learned, sincos or none, got {pos_embed!r}")
@@ -48,6 +52,8 @@ class ViTBackbone(nn.Module):
             extra = {"depth": depth} if depth > 0 else {}
             if layer_scale > 0:                 # LayerScale (Touvron et al. 2021, CaiT Eq. 4; BEiT init 0.1)
                 extra["init_values"] = layer_scale
+            if registers > 0:                   # register tokens (Darcet et al. 2024), after the class token
+                extra["reg_tokens"] = registers
             net = timm.create_model(SIZES[name], pretrained=False, num_classes=0, img_size=img_size,
                                     patch_size=patch_size, in_chans=in_chans, drop_path_rate=drop_path,
                                     dynamic_img_size=True, **extra)
@@ -59,8 +65,9 @@ class ViTBackbone(nn.Module):
         self.mask_token = None
         if pos_embed == "sincos":
             h, w = self.net.patch_embed.grid_size
-            table = sincos_2d(self.embed_dim, h, w, cls_token=self.net.pos_embed.shape[1] == h * w + 1)
-            self.net.pos_embed.data.copy_(table[None])
+            prefix = self.net.pos_embed.shape[1] - h * w          # class and register tokens with a row
+            table = sincos_2d(self.embed_dim, h, w)
+            self.net.pos_embed.data.copy_(torch.cat([table.new_zeros(prefix, self.embed_dim), table])[None])
             self.net.pos_embed.requires_grad_(False)
         elif pos_embed == "none":                      # BEiT with a relative position bias: no absolute one
             self.net.pos_embed.data.zero_()

@@ -26,7 +26,7 @@ from selfsight.data.arraycache import maybe_cache
 from selfsight.data.loader import ViewLoader
 from selfsight.engine.compile import compile_for_training
 from selfsight.engine.online_probe import OnlineProbe, build_online_probe
-from selfsight.engine.optim import build_optimizer
+from selfsight.engine.optim import backbone_lr_scales, build_optimizer
 from selfsight.engine.sharding import shard_model
 from selfsight.methods import Hooks, build_method, hooks_of
 from selfsight.nn.distributed import rank, world_size
@@ -192,6 +192,8 @@ def assemble(cfg: RunConfig, run_dir: Path, dataset=None, backbone: nn.Module | 
     net, starting = _backbone(cfg, channels, recipe, backbone, fresh, r)
     model = build_method(cfg, channels, recipe.size, net).to(device)
     hooks = hooks_of(model)                         # every call into the method goes through these
+    if hooks.set_views is not None:                 # e.g. distill: the teacher's input and its cache
+        hooks.set_views(recipe)
     if hooks.make_masker is not None:               # masked image modeling: masks drawn with each batch
         loader.masker = hooks.make_masker()
         loader.masker.grid((recipe.size, recipe.size))     # a view size off the patch grid: refused before step 1
@@ -213,7 +215,7 @@ def assemble(cfg: RunConfig, run_dir: Path, dataset=None, backbone: nn.Module | 
         amp_dtype = None
     if fsdp:                    # before the optimizer: it must see the sharded parameters
         shard_model(model, device, amp_dtype)
-    scaled = {id(p): cfg.backbone.lr_scale for p in net.parameters()} if cfg.backbone.lr_scale != 1 else {}
+    scaled = backbone_lr_scales(net, cfg.backbone.lr_scale, cfg.optim.layer_decay, cfg.optim.patch_embed_lr_scale)
     optimizer = build_optimizer(model, cfg.optim, device.type, sharded=fsdp, fixed_lr=hooks.fixed_lr(),
                                 lr_scales=scaled)
     compiled = compile_for_training(model, device, world, run_dir) if t.compile else []

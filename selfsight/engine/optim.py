@@ -74,6 +74,43 @@ def skips_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
 
 
+def vit_layer_id(name: str, depth: int) -> int:
+    """BEiT's ``get_num_layer_for_vit`` (DINOv2's ``get_vit_lr_decay_rate``) on the parameter names of a
+    ``ViTBackbone`` or of a ``Classifier`` around one:
+    0 for the embeddings and tokens, b + 1 for block b, depth + 1 for everything above (norm, head)."""
+    name = name.removeprefix("backbone.").removeprefix("net.")
+    if name in ("cls_token", "pos_embed", "mask_token", "reg_token", "register_tokens") or \
+            name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def backbone_lr_scales(backbone: nn.Module, lr_scale: float = 1.0, layer_decay: float = 1.0,
+                       patch_embed_lr_scale: float = 1.0) -> dict:
+    """{id(parameter): factor on the scheduled lr} for the backbone's parameters (``param_groups``'
+    ``lr_scales``); empty when every factor is 1. ``lr_scale``: all of them (continued pretraining).
+    ViTs only: ``layer_decay`` d gives block b the factor d^(depth − b) and the embeddings d^(depth + 1)
+    (BEiT's layer-wise decay, used in pretraining by DINOv2: 0.9), ``patch_embed_lr_scale`` the
+    patch embedding a further factor (DINOv2's ``patch_embed_lr_mult`` 0.2)."""
+    blocks = getattr(getattr(backbone, "net", None), "blocks", None)
+    if (layer_decay != 1 or patch_embed_lr_scale != 1) and blocks is None:
+        raise ValueError("optim.layer_decay and optim.patch_embed_lr_scale need a ViT backbone")
+    if lr_scale == 1 and layer_decay == 1 and patch_embed_lr_scale == 1:
+        return {}
+    depth = len(blocks) if blocks is not None else 0
+    out = {}
+    for name, p in backbone.named_parameters():
+        scale = lr_scale
+        if blocks is not None:
+            scale *= layer_decay ** (depth + 1 - vit_layer_id(name, depth))
+            if name.removeprefix("net.").startswith("patch_embed"):
+                scale *= patch_embed_lr_scale
+        out[id(p)] = scale
+    return out
+
+
 def param_groups(model: nn.Module, decay_all: bool = False, fixed_lr: list | tuple = (),
                  lr_scales: dict | None = None) -> list[dict]:
     """Two groups: ``decay`` (weights, ndim > 1) and ``no_decay`` (biases, norm params, tokens).

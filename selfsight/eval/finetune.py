@@ -38,7 +38,7 @@ from selfsight.config import OptimConfig
 from selfsight.data import ArrayDataset, num_classes_of
 from selfsight.data.loader import ViewLoader
 from selfsight.data.subset import draw
-from selfsight.engine.optim import build_optimizer, param_groups, skips_weight_decay
+from selfsight.engine.optim import build_optimizer, param_groups, skips_weight_decay, vit_layer_id
 from selfsight.eval.features import extract
 from selfsight.eval.labels import labeled_pair
 from selfsight.eval.linear import accuracy
@@ -84,17 +84,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_norm(self.features(x)))
-
-
-def vit_layer_id(name: str, depth: int) -> int:
-    """BEiT's ``get_num_layer_for_vit`` on the parameter names of a ``Classifier`` around a ``ViTBackbone``:
-    0 for the embeddings and tokens, b + 1 for block b, depth + 1 for everything above (norm, head)."""
-    name = name.removeprefix("backbone.").removeprefix("net.")
-    if name in ("cls_token", "pos_embed", "mask_token", "reg_token") or name.startswith("patch_embed"):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
 
 
 def layer_decay_groups(model: nn.Module, depth: int, decay: float, weight_decay: float) -> list[dict]:

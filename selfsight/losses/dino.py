@@ -43,16 +43,21 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_p: list[torch.Tensor],
 
 
 @torch.no_grad()
-def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
-    """In place: c ← m·c + (1 - m)·mean of the raw teacher outputs ((n·B)×K) over all processes.
-    A non-finite batch (a step the engine will skip) leaves the center as it was, without a host
-    sync: one bad step must not poison every later one."""
-    batch_sum = upcast(teacher_logits.detach()).sum(0, keepdim=True)           # 1×K
-    count = teacher_logits.shape[0] * world_size()
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float,
+                  rows: torch.Tensor | None = None) -> None:
+    """In place: c ← m·c + (1 - m)·mean of the raw teacher outputs ((n·B)×K) over all processes
+    (the sum and the count all-reduced together, so processes may hold different numbers of rows;
+    ``rows``, a bool per row, counts only those: DINOv2's masked patches among padding). No row
+    anywhere leaves the center as it was; so does a non-finite batch (a step the engine will skip),
+    decided on the device without a host sync: one bad step must not poison every later one."""
+    logits = upcast(teacher_logits.detach())
+    w = logits.new_ones(logits.shape[0]) if rows is None else rows.to(logits.dtype)        # (n·B)
+    total = torch.cat([(logits * w[:, None]).sum(0), w.sum()[None]])[None]                 # 1×(K+1): sum, count
     if world_size() > 1:
-        dist.all_reduce(batch_sum)
-    new = center * momentum + batch_sum / count * (1.0 - momentum)
-    center.copy_(torch.where(torch.isfinite(batch_sum).all(), new, center))
+        dist.all_reduce(total)
+    batch_sum, count = total[:, :-1], total[:, -1:]
+    new = center * momentum + batch_sum / count.clamp_min(1.0) * (1.0 - momentum)
+    center.copy_(torch.where(torch.isfinite(batch_sum).all() & (count > 0).all(), new, center))
 
 
 @torch.no_grad()

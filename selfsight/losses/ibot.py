@@ -40,3 +40,29 @@ def update_patch_center(center: torch.Tensor, teacher_patch_logits: torch.Tensor
     """In place: c2 ← m·c2 + (1 - m)·(mean over images, all processes, of each image's mean raw
     teacher patch output); teacher_patch_logits: (n·B)×N×K, center: 1×K."""
     update_center(center, teacher_patch_logits.mean(1), momentum)                # (n·B)×K
+
+
+
+def masked_rows(masks: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked patches of ``masks`` ((n·B)×N bool) as a fixed number of rows, without reading
+    anything back from the device (DINOv2's ``upperbound`` buffer): ``order`` (``bound`` indices into
+    the flattened (n·B)·N tokens, the masked ones first in row-major order, then unmasked padding)
+    and ``weight`` (``bound``: 1 / the image's masked count for a masked row, 0 for padding).
+    ``bound`` must be at least the number of masked patches (the masker's upper bound)."""
+    flat = masks.reshape(-1)                                                         # (n·B·N)
+    n = masks.shape[-1]
+    bound = min(bound, flat.numel())
+    order = torch.sort((~flat).to(torch.uint8), stable=True).indices[:bound]        # masked first
+    per_image = masks.sum(-1).clamp(min=1)                                           # (n·B)
+    return order, flat[order].float() / per_image[order // n]
+
+
+def ibot_masked_loss(student_rows: torch.Tensor, teacher_rows_p: torch.Tensor, weight: torch.Tensor,
+                     n_images: int, student_temp: float) -> torch.Tensor:
+    """DINOv2's form of L_patch (``dinov2/loss/ibot_patch_loss.py:forward_masked``): the heads run on
+    the masked patches only. student_rows: R×K logits and teacher_rows_p: R×K probabilities of the
+    rows ``masked_rows`` chose, ``weight`` (R) theirs. Each image's cross-entropies are averaged over
+    its masked patches, then over all ``n_images`` images (an unmasked image adds 0): the same value
+    as ``ibot_patch_loss`` on the dense tensors."""
+    ce = -(teacher_rows_p * F.log_softmax(upcast(student_rows) / student_temp, dim=-1)).sum(-1)      # R
+    return (ce * weight.to(ce.dtype)).sum() / n_images

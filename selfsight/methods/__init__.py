@@ -24,18 +24,19 @@ class MethodSpec:
     summary: str = ""
     needs_backbone: bool = True     # False: build(params, None, channels=C, image_size=S) (e.g. tokenizers)
     check: Callable | None = None   # cfg -> None, or (key, what is wrong, value): the method's own config rules
+    input_shape: bool = False       # True: build(params, backbone, channels=C, image_size=S) (e.g. distill)
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(name: str, params: type, defaults: dict | None = None, summary: str = "",
-                    needs_backbone: bool = True, check: Callable | None = None):
+                    needs_backbone: bool = True, check: Callable | None = None, input_shape: bool = False):
     """Register a method under ``name``: its parameter dataclass (the ``method:`` section, each field
     with its rule), the builder, the recipe defaults it brings, a summary line and ``check(cfg)``,
     the rules that concern this method alone (applied by ``resolve`` before anything is built)."""
     def deco(build: Callable) -> Callable:
-        METHODS.register(name)(MethodSpec(params, build, defaults or {}, summary, needs_backbone, check))
+        METHODS.register(name)(MethodSpec(params, build, defaults or {}, summary, needs_backbone, check, input_shape))
         return build
     return deco
 
@@ -58,11 +59,26 @@ def build_method(cfg, channels: int, image_size: int, backbone=None):
     else:
         if backbone is None:
             backbone = build_backbone(cfg.backbone, channels, image_size)
-        method = spec.build(cfg.method, wrap(backbone, in_chans=channels, probe_size=image_size))
+        shape = {"channels": channels, "image_size": image_size} if spec.input_shape else {}
+        method = spec.build(cfg.method, wrap(backbone, in_chans=channels, probe_size=image_size), **shape)
     hooks_of(method)
     return method
 
 
-from selfsight.methods import barlow_twins, byol, dino, ibot, mim, moco, mocov3, simclr, simsiam, tokenizer, vicreg  # noqa: E402,F401  (registers)
+from selfsight.methods import (  # noqa: E402,F401  (registers)
+    barlow_twins,
+    byol,
+    dino,
+    dinov2,
+    distill,
+    ibot,
+    mim,
+    moco,
+    mocov3,
+    simclr,
+    simsiam,
+    tokenizer,
+    vicreg,
+)
 
 __all__ = ["METHODS", "MethodSpec", "register_method", "build_method", "Hooks", "MethodContractError", "hooks_of"]

@@ -47,6 +47,8 @@ HOOKS: dict[str, tuple[int, str]] = {
     "write_artifacts": (1, "write_artifacts(run_dir): files beside the checkpoint (a tokenizer's tokenizer.pt)"),
     "finetune_network": (0, "finetune_network() -> the network fine-tuning trains (default: the backbone)"),
     "fixed_lr_parameters": (0, "fixed_lr_parameters() -> parameters the engine keeps at the base lr"),
+    "set_views": (1, "set_views(recipe): the run's resolved view recipe, given once before training (distill: "
+                     "the teacher's input normalisation and its feature cache)"),
 }
 
 
@@ -62,6 +64,7 @@ class Hooks:
     write_artifacts: Callable | None = None
     finetune_network: Callable | None = None
     fixed_lr_parameters: Callable | None = None
+    set_views: Callable | None = None
 
     def scheduled(self) -> dict:
         """``{name: (start, end)}`` of the values the method wants ramped per step."""

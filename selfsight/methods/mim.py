@@ -188,8 +188,8 @@ class MIM(nn.Module):
         if aggregate:                                                            # shared final norm and head
             net, bias = self.student.net, getattr(self.student, "rel_pos_bias", None)
             bias = bias.get_bias().to(states["early"].dtype) if bias is not None else None
-            s = net.norm(self.aggregation(states, net.num_prefix_tokens, bias))  # B×(1+N)×D
-            agg = self.head(s[:, 0], s[:, 1:], mask, grid)
+            s = net.norm(self.aggregation(states, net.num_prefix_tokens, bias))  # B×(prefix+N)×D
+            agg = self.head(s[:, 0], s[:, net.num_prefix_tokens:], mask, grid)   # registers are no patches
         return pred, feats.cls, feats.patch.mean(1), grid, agg
 
     def _masked_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_overrides
 
 ARGS = tiny_overrides(**{"train.deterministic": "true", "train.checkpoint_every": 10, "train.log_every": 1,
@@ -20,15 +19,21 @@ ARGS = tiny_overrides(**{"train.deterministic": "true", "train.checkpoint_every"
 METHOD_ARGS = {"simclr": [], "mocov2": ["method.queue_size=256"],     # MoCo: the queue must resume too
                # DINO: the center, the teacher and the frozen last layer (free from step 38 of 60) too
                "dino": ["method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16",
-                        "views.local_crops=2", "views.local_size=12", "method.freeze_last_layer=0.02"]}
+                        "views.local_crops=2", "views.local_size=12", "method.freeze_last_layer=0.02"],
+               # DINOv2: both centers, the masks, the teacher, KoLeo and the layer-wise learning rates too
+               "dinov2": ["method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16",
+                          "backbone.name=vit_tiny", "backbone.patch_size=7", "backbone.depth=1", "views.size=28",
+                          "views.local_crops=2", "views.local_size=14", "method.freeze_last_layer=0.02"],
+               # distill: the frozen teacher (a checked-in tiny MoCo v2 run) is reloaded, not checkpointed
+               "distill": [f"method.teacher={Path(__file__).parent / 'old_run'}"]}
 
 
 def cli(out: Path, *extra: str, method: str = "simclr") -> list[str]:
-    args = ARGS if method != "dino" else tiny_overrides(**{"method.name": "dino", "train.deterministic": "true",
-                                                          "train.checkpoint_every": 10, "train.log_every": 1,
-                                                          "train.threads": 1})
+    args = ARGS if method in ("simclr", "mocov2") else tiny_overrides(**{
+        "method.name": method, "train.deterministic": "true", "train.checkpoint_every": 10, "train.log_every": 1,
+        "train.threads": 1})
     return [sys.executable, "-m", "selfsight", "pretrain", "--method", method, "--data", "fashion-mnist",
-            "--steps", "60", "--out", str(out), *extra, *METHOD_ARGS[method], *args]
+            "--steps", "60", "--out", str(out), *extra, *args, *METHOD_ARGS[method]]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -37,7 +42,7 @@ def losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "mocov2", "dino"])
+@pytest.mark.parametrize("method", ["simclr", "mocov2", "dino", "dinov2", "distill"])
 def test_killed_run_resumes_exactly(tmp_path, method):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     ref = tmp_path / "ref"
@@ -66,7 +71,7 @@ def test_killed_run_resumes_exactly(tmp_path, method):
     if method == "mocov2":                  # the queue (all 256 rows written over 60 steps) and its pointer
         assert int(wb["queue_ptr"]) == int(wa["queue_ptr"])
         torch.testing.assert_close(wb["queue"], wa["queue"], rtol=1e-6, atol=1e-7)
-    if method == "dino":
+    if method in ("dino", "dinov2"):
         assert bool(wa["center"].abs().sum() > 0)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7, msg=f"final weight {k}")

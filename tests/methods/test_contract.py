@@ -16,18 +16,20 @@ EXPECTED = {"simclr": {"finetune_network"}, "simsiam": {"finetune_network", "fix
             "byol": {"after_step", "finetune_network", "schedules"},
             "dino": {"after_step", "before_optimizer_step", "finetune_network", "schedules"},
             "ibot": {"after_step", "before_optimizer_step", "finetune_network", "make_masker", "schedules"},
+            "dinov2": {"after_step", "before_optimizer_step", "finetune_network", "make_masker", "schedules"},
             "mae": {"after_step", "finetune_network", "make_masker", "pictures", "schedules"},
-            "tokenizer": {"pictures", "schedules", "write_artifacts"}}
+            "distill": {"set_views"}, "tokenizer": {"pictures", "schedules", "write_artifacts"}}
 
 
 @pytest.mark.parametrize("name", ["simclr", "mocov2", "mocov3", "simsiam", "byol", "dino", "barlow_twins", "vicreg",
-                                  "ibot", "mae", "maskfeat", "tokenizer"])
+                                  "ibot", "dinov2", "distill", "mae", "maskfeat", "tokenizer"])
 def test_every_method_passes_the_contract(name):
     assert name in METHODS
     cfg = load_config(None, tiny_overrides(**{"method.name": name, "data.batch_size": 32, **SMALL.get(name, {})}))
     hooks = hooks_of(build_method(cfg, 1, 28))
     have = {h for h in ("after_step", "before_optimizer_step", "schedules", "make_masker", "pictures",
-                        "write_artifacts", "finetune_network", "fixed_lr_parameters") if getattr(hooks, h) is not None}
+                        "write_artifacts", "finetune_network", "fixed_lr_parameters", "set_views")
+            if getattr(hooks, h) is not None}
     if name in EXPECTED:
         assert have == EXPECTED[name]
 

@@ -26,11 +26,14 @@ METHODS = {
              "views.local_crops": 2, "views.local_size": 12},
     "mae": {**VIT, "method.head.decoder_dim": 32, "method.head.decoder_depth": 1, "method.head.decoder_heads": 2},
     "ibot": {**VIT, "method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
+    "dinov2": {**VIT, "method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
+    "dinov2_sinkhorn": {**VIT, "method.name": "dinov2", "method.out_dim": 64, "method.hidden_dim": 32,
+                        "method.bottleneck_dim": 16, "method.centering": "sinkhorn", "method.separate_head": "true"},
     # SimMIM-like: dense student, linear head, block masks (MaskFeat's HOG needs autocast, which meta lacks)
     "mim": {**VIT, "method.student_input": "dense", "method.head.kind": "linear", "method.mask.kind": "block",
             "method.mask.ratio": 0.4, "method.target.kind": "pixels"},
 }
-NO_TEMPERATURE = ("mae", "ibot", "mim", "mocov3")
+NO_TEMPERATURE = ("mae", "ibot", "dinov2", "dinov2_sinkhorn", "mim", "mocov3")
 
 
 @pytest.mark.parametrize("name", list(METHODS))
