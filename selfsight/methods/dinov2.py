@@ -29,8 +29,11 @@ crops together, ratios stratified over [0.1, 0.5] bins) and a block mask's targe
 (official int(r·N)); gradients are clipped at 3 over all parameters together (official: the
 backbone and each head separately); the patch center is the mean of the masked patches' teacher
 outputs (the official ``update_center`` averages an M×K tensor over K, a constant shift that the
-softmax ignores); the temperature warm-up is linear per step; the teacher holds a never-used EMA
-copy of the mask token. Evaluation and export use the TEACHER backbone.
+softmax ignores); stochastic depth rises linearly over the blocks (timm; official
+``drop_path_uniform``: the same rate in every block); the temperature warm-up is linear per step;
+the teacher holds a never-used EMA copy of the mask token. The iBOT rows' bound assumes the masks
+come from this method's masker (the loader's), whose count of masked images per crop is fixed.
+Evaluation and export use the TEACHER backbone.
 """
 from __future__ import annotations
 

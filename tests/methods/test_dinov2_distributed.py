@@ -3,8 +3,8 @@ every gradient, with softmax centering (the class and masked-patch centers, all-
 processes holding different numbers of masked patches) and with Sinkhorn-Knopp (row sums and the
 total all-reduced), separate heads, and KoLeo with ``koleo_scope=global`` (the nearest neighbour
 searched over both processes' class tokens). Each rank holds its half of the images and of their
-masks (drawn once for the global batch). With the official per-process KoLeo the two layouts differ
-by design: checked too, against the mean of the per-half KoLeo terms."""
+masks (drawn for each half, as each rank's loader does). With the official per-process KoLeo the
+two layouts differ by design: checked too, against the mean of the per-half KoLeo terms."""
 import pytest
 import torch
 from helpers import run_on_gloo
@@ -54,7 +54,9 @@ def inputs(fmnist_small):
     recipe = ViewRecipe(size=28, crop_scale=(0.4, 1.0), local_crops=2, local_size=14, local_crop_scale=(0.1, 0.4),
                         mean=(0.5,), std=(0.5,))
     views = [v.double() for v in BatchedViews(recipe, torch.Generator().manual_seed(1))(fmnist_small.images[:16])]
-    masks = make("center").make_masker()(views, 5)            # 16×16 masks for the 2 global crops, None for locals
+    masker = make("center").make_masker()                     # each rank's masks for its own half, as the loader
+    halves = [masker([v[r * 8:(r + 1) * 8] for v in views], 5 + r) for r in range(WORLD)]
+    masks = [torch.cat([h[i] for h in halves]) for i in range(2)] + [None, None]   # 16×16 per global crop
     assert masks[0][:8].sum() != masks[0][8:].sum()           # the ranks hold different numbers of masked patches
     return views, masks
 
