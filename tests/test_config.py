@@ -47,9 +47,11 @@ def test_every_bundled_recipe_is_valid():
     assert recipes
     for r in recipes:
         # a distillation recipe names everything but the user's own teacher
-        load_config([str(r)], ["method.teacher=RUN"] if r.name.startswith("distill") else None)
+        load_config([str(r)], [f"method.teacher={r}"] if r.name.startswith("distill") else None)
     with pytest.raises(ConfigError, match="method.teacher' must name the teacher"):
         load_config(["distill_fashion_mnist"])
+    with pytest.raises(ConfigError, match="method.teacher' names no file or folder"):
+        load_config(["distill_fashion_mnist"], ["method.teacher=runs/nope"])
     with pytest.raises(ConfigError, match="does not exist"):
         read_yaml("no_such_recipe")
 

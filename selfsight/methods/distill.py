@@ -238,14 +238,16 @@ class TeacherCache:
             patch = torch.from_numpy(np.frombuffer(row[1], dtype=np.float16).copy()).view(*map(int, row[2].split(",")))
         return cls, patch
 
-    def put(self, key: bytes, cls: torch.Tensor, patch: torch.Tensor | None) -> None:
+    def put(self, key: bytes, cls: torch.Tensor, patch: torch.Tensor | None) -> tuple:
+        """Store one view's features (fp16, on the host) and return them as stored."""
         cls, patch = cls.half().cpu(), None if patch is None else patch.half().cpu()
         if self.db is None:
             self.memory[key] = (cls, patch)
-            return
-        self.db.execute("INSERT OR REPLACE INTO f VALUES (?, ?, ?, ?)", (
-            key, cls.numpy().tobytes(), None if patch is None else patch.numpy().tobytes(),
-            "" if patch is None else ",".join(map(str, patch.shape))))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO f VALUES (?, ?, ?, ?)", (
+                key, cls.numpy().tobytes(), None if patch is None else patch.numpy().tobytes(),
+                "" if patch is None else ",".join(map(str, patch.shape))))
+        return cls, patch
 
     def commit(self) -> None:
         if self.db is not None:
@@ -313,14 +315,14 @@ class Distill(nn.Module):
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
             f = self.teacher().features(x[missing], mean, std)
-            for j, i in enumerate(missing):
-                found[i] = (f.cls[j], None if f.patch is None else f.patch[j])
-                self._cache.put(keys[i], *found[i])
+            for j, i in enumerate(missing):      # the stored (fp16) values: the same targets every epoch
+                found[i] = self._cache.put(keys[i], f.cls[j], None if f.patch is None else f.patch[j])
             self._cache.commit()
         self._cache.hits += len(keys) - len(missing)
         self._cache.misses += len(missing)
-        cls = torch.stack([c for c, _ in found]).to(x.device, x.dtype)
-        patch = None if found[0][1] is None else torch.stack([q for _, q in found]).to(x.device, x.dtype)
+        # stored fp16 on the host; widened before stacking (CPU autocast refuses fp16 in its promote list)
+        cls = torch.stack([c.to(x.dtype) for c, _ in found]).to(x.device)
+        patch = None if found[0][1] is None else torch.stack([q.to(x.dtype) for _, q in found]).to(x.device)
         return Features(cls, patch)
 
     def training_step(self, batch: dict, sched: dict) -> dict:
@@ -349,9 +351,13 @@ class Distill(nn.Module):
 
 def teacher_named(cfg):
     """A ``check``: the teacher must be named before anything is built."""
-    if not cfg.method.teacher:
+    t = cfg.method.teacher
+    if not t:
         return ("method.teacher", "must name the teacher: a selfsight run or export folder, a hub folder, or "
                 "timm:NAME / torchvision:NAME with method.teacher_weights=FILE", "")
+    if not t.startswith(("timm:", "torchvision:")) and not Path(t).exists():
+        return ("method.teacher", "names no file or folder (a selfsight run or export, a hub folder, or "
+                "timm:NAME / torchvision:NAME)", t)
     return None
 
 
