@@ -52,7 +52,7 @@ from selfsight.losses.koleo import koleo_loss
 from selfsight.losses.sinkhorn import sinkhorn_knopp
 from selfsight.masking.views import ViewMasker, build_masker
 from selfsight.methods import register_method, vit_only
-from selfsight.methods.ibot import N_GLOBAL, IBOTMaskParams
+from selfsight.methods.ibot import N_GLOBAL, IBOTMaskParams, masked_global_crops
 from selfsight.nn.momentum import momentum_copy, momentum_update, without_drop_path
 from selfsight.nn.multicrop import group_by_resolution
 from selfsight.nn.undo import StepUndo
@@ -99,13 +99,7 @@ class DINOv2(nn.Module):
     def __init__(self, params: DINOv2Params, backbone: nn.Module):
         super().__init__()
         p = self.params = params
-        if not hasattr(backbone, "enable_masking"):
-            raise ValueError(f"DINOv2 needs a ViT backbone (backbone.name: vit_tiny, vit_small, vit_base, vit_large "
-                             f"or timm:NAME), got backbone.name={getattr(backbone, 'name', type(backbone).__name__)!r}")
-        views = tuple(p.mask.views) or tuple(range(N_GLOBAL))
-        if not set(views) <= set(range(N_GLOBAL)):
-            raise ValueError(f"method.mask.views: DINOv2 masks global crops only (0, 1), got {list(p.mask.views)}")
-        backbone.enable_masking("token")    # before the copy: student and teacher zip equal parameter lists
+        views = masked_global_crops(backbone, p.mask.views, "DINOv2")
         self.student = backbone
         self.head = DINOHead(backbone.embed_dim, p.out_dim, p.hidden_dim, p.bottleneck_dim, p.head_layers,
                              p.use_bn_in_head, p.norm_last_layer)

@@ -92,17 +92,25 @@ class IBOTParams:
     mask: IBOTMaskParams = field(default_factory=IBOTMaskParams)
 
 
+def masked_global_crops(backbone: nn.Module, mask_views, method: str) -> tuple:
+    """The global crops a self-distillation method with masked patches (iBOT, DINOv2) masks, after
+    checking that the backbone is a ViT and switching it to mask tokens (before the teacher copy, so
+    student and teacher zip equal parameter lists). One line naming the key otherwise."""
+    if not hasattr(backbone, "enable_masking"):
+        raise ValueError(f"{method} needs a ViT backbone (backbone.name: vit_tiny, vit_small, vit_base, vit_large or "
+                         f"timm:NAME), got backbone.name={getattr(backbone, 'name', type(backbone).__name__)!r}")
+    views = tuple(mask_views) or tuple(range(N_GLOBAL))
+    if not set(views) <= set(range(N_GLOBAL)):
+        raise ValueError(f"method.mask.views: {method} masks global crops only (0, 1), got {list(mask_views)}")
+    backbone.enable_masking("token")
+    return views
+
+
 class IBOT(nn.Module):
     def __init__(self, params: IBOTParams, backbone: nn.Module):
         super().__init__()
         p = self.params = params
-        if not hasattr(backbone, "enable_masking"):
-            raise ValueError(f"iBOT needs a ViT backbone (backbone.name: vit_tiny, vit_small or vit_base), got "
-                             f"backbone.name={getattr(backbone, 'name', type(backbone).__name__)!r}")
-        views = tuple(p.mask.views) or tuple(range(N_GLOBAL))
-        if not set(views) <= set(range(N_GLOBAL)):
-            raise ValueError(f"method.mask.views: iBOT masks global crops only (0, 1), got {list(p.mask.views)}")
-        backbone.enable_masking("token")    # before the copy: student and teacher zip equal parameter lists
+        views = masked_global_crops(backbone, p.mask.views, "iBOT")
         self.student = backbone
         self.head = DINOHead(backbone.embed_dim, p.out_dim, p.hidden_dim, p.bottleneck_dim, p.head_layers,
                              p.use_bn_in_head, p.norm_last_layer)
