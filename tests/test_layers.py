@@ -24,7 +24,9 @@ LAYERS = [                                   # lowest first
     {"eval", "deploy", "viz", "report"},
     {"api", "cli", "__main__", "__init__"},
 ]
-EXCEPTIONS = {("selfsight.targets.features", "selfsight.runs")}     # a teacher that is an earlier run
+EXCEPTIONS = {("selfsight.targets.features", "selfsight.runs"),     # a teacher that is an earlier run
+              ("selfsight.methods.distill", "selfsight.runs"),       # a distillation teacher: a run or an export
+              ("selfsight.methods.distill", "selfsight.deploy.load")}
 
 
 def part(module: str) -> str:

@@ -42,8 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from selfsight.backbones import build_backbone
 from selfsight.backbones.base import Features
-from selfsight.config import setting
+from selfsight.backbones.weights import load_starting_weights
+from selfsight.config import BackboneConfig, setting
 from selfsight.losses.common import fp32_loss, upcast
 from selfsight.methods import register_method
 from selfsight.nn.distributed import rank
@@ -174,11 +176,8 @@ class Teacher:
 
 def load_teacher(p: DistillParams, view_size: int):
     """(backbone with forward_features, preprocessing meta, a line saying what it is)."""
-    from selfsight.backbones import build_backbone
-    from selfsight.backbones.weights import load_starting_weights
-    from selfsight.config import BackboneConfig
-    from selfsight.deploy.load import load_backbone
-    from selfsight.runs import starting_state
+    from selfsight.deploy.load import load_backbone      # the teacher: an earlier run or export (ARCHITECTURE.md)
+    from selfsight.runs import starting_state            # the teacher's weights file, as backbone.weights reads it
     if not p.teacher:
         raise ValueError("method.teacher: name the teacher (a selfsight run or export folder, a hub folder, or "
                          "timm:NAME / torchvision:NAME with method.teacher_weights=FILE)")

@@ -23,7 +23,8 @@ METHOD_ARGS = {"simclr": [], "mocov2": ["method.queue_size=256"],     # MoCo: th
                # DINOv2: both centers, the masks, the teacher, KoLeo and the layer-wise learning rates too
                "dinov2": ["method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16",
                           "backbone.name=vit_tiny", "backbone.patch_size=7", "backbone.depth=1", "views.size=28",
-                          "views.local_crops=2", "views.local_size=14", "method.freeze_last_layer=0.02"],
+                          "views.local_crops=2", "views.local_size=14", "method.freeze_last_layer=0.02",
+                          "method.centering=center"],     # the recipe's Sinkhorn-Knopp keeps no center to resume
                # distill: the frozen teacher (a checked-in tiny MoCo v2 run) is reloaded, not checkpointed
                "distill": [f"method.teacher={Path(__file__).parent / 'old_run'}"]}
 
