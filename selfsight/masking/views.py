@@ -41,13 +41,15 @@ class ViewMasker:
         return masks
 
 
-def build_masker(mask, patch_size: int, views: tuple, min_patches: int | None = None) -> ViewMasker:
+def build_masker(mask, patch_size: int, views: tuple, min_patches: int | None = None,
+                 max_patches: int | None = None) -> ViewMasker:
     """The ``ViewMasker`` of a method's ``method.mask`` section (``MaskParams``) for ``views``;
-    ``min_patches`` overrides the section's (iBOT's default depends on the grid). An invalid value
-    is one line naming the config key."""
+    ``min_patches`` / ``max_patches`` override the section's (iBOT's and DINOv2's defaults depend on
+    the grid). An invalid value is one line naming the config key."""
     try:
         generator = MaskGenerator(mask.kind, mask.ratio, tuple(mask.ratio_range), mask.unmasked_share,
-                                  mask.min_patches if min_patches is None else min_patches, mask.max_patches,
+                                  mask.min_patches if min_patches is None else min_patches,
+                                  mask.max_patches if max_patches is None else max_patches,
                                   tuple(mask.aspect))
     except ValueError as e:                     # the generator names the argument: name the config key
         raise ValueError(f"method.mask.{e}") from None

@@ -114,10 +114,9 @@ class DINOv2(nn.Module):
         self.register_buffer("patch_center", torch.zeros(1, k_patch))
         self.undo = StepUndo()
         gh, gw = backbone.net.patch_embed.grid_size
-        self.masker: ViewMasker = build_masker(p.mask, backbone.patch_size, views)
-        if not p.mask.max_patches:      # official max_num_patches = 0.5·N of the global crops' grid
-            self.masker.generator = type(self.masker.generator)(**{**vars(self.masker.generator),
-                                                                    "max_patches": max(1, gh * gw // 2)})
+        # 0 = the official max_num_patches, 0.5·N of the global crops' grid
+        self.masker: ViewMasker = build_masker(p.mask, backbone.patch_size, views,
+                                               max_patches=p.mask.max_patches or max(1, gh * gw // 2))
 
     @property
     def backbone(self) -> nn.Module:
