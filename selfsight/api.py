@@ -57,9 +57,11 @@ def evaluate(run: str | Path, train: str = "fashion-mnist", test: str = "fashion
              protocol: str = "knn", backbone=None, **options) -> dict:
     """Accuracy of a run's backbone: ``protocol="knn"`` (weighted kNN, DINO's protocol; options k,
     temperature, ...), ``"linear"`` (linear probe on frozen features; options epochs, ...) or
-    ``"finetune"`` (the whole backbone trained on ``train``; options epochs, lr, layer_decay, ...);
-    ``baseline="pixels"|"random"`` evaluates a baseline instead. ``"health"`` gives the label-free
-    metrics of the backbone on ``train`` (RankMe, alignment, uniformity; ``test`` is unused).
+    ``"finetune"`` (the whole backbone trained on ``train``; options epochs, lr, layer_decay, ...),
+    ``"seg"`` (linear segmentation of frozen patch tokens: mIoU on data with masks, e.g.
+    ``fashion-mnist-scenes``; options size, blocks, epochs, max_train_images);
+    ``baseline="pixels"|"random"`` evaluates a baseline instead (``seg``: random only). ``"health"``
+    gives the label-free metrics of the backbone on ``train`` (RankMe, alignment, uniformity; ``test`` is unused).
     Returns top1/top5 (or the metrics) and details. ``backbone``: a new instance of the module a
     run trained from Python (``pretrain(..., backbone=module)``), for its weights to be loaded into."""
     from selfsight.runs import custom_backbone  # lazy: keeps import selfsight free of torch
@@ -77,7 +79,10 @@ def _evaluate(run, train: str, test: str, protocol: str, options: dict) -> dict:
     if protocol == "finetune":
         from selfsight.eval.finetune import finetune
         return finetune(str(run), train, test, **options)
+    if protocol == "seg":
+        from selfsight.eval.dense import evaluate_segmentation
+        return evaluate_segmentation(str(run), train, test, **options)
     if protocol == "health":
         from selfsight.eval.health import evaluate_health
         return evaluate_health(str(run), train, **options)
-    raise ValueError(f"protocol must be knn, linear, finetune or health, got {protocol!r}")
+    raise ValueError(f"protocol must be knn, linear, finetune, seg or health, got {protocol!r}")

@@ -1,4 +1,4 @@
-"""``selfsight <verb>``: pretrain, tokenizer train, eval knn|linear|finetune|health, pictures, report,
+"""``selfsight <verb>``: pretrain, tokenizer train, eval knn|linear|finetune|seg|health, pictures, report,
 compare, demo, methods, export, embed, neighbors, shards make, --version.
 
 Errors are one line on stderr and exit code 2 (set SELFSIGHT_DEBUG=1 for the traceback).
@@ -198,6 +198,23 @@ def cmd_eval_finetune(args) -> int:
     line = (f"fine-tune ({res['epochs']} epochs, {res['optimizer']}, lr {res['lr']:.3g}, layer decay "
             f"{res['layer_decay']}) {res['model']} {res['method']}/{res['backbone']} on {res['test']}: "
             f"top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}{_classes(res)}")
+    return _finish_eval(args, res, line)
+
+
+def cmd_eval_seg(args) -> int:
+    from selfsight.eval.dense import evaluate_segmentation  # lazy: keeps selfsight --help free of torch
+    res = evaluate_segmentation(args.run, args.train, args.test, args.baseline, device=args.device,
+                                data_root=args.data_root, size=args.size, blocks=args.blocks, epochs=args.epochs,
+                                max_train_images=args.images)
+    worst = sorted(res["iou"].items(), key=lambda kv: kv[1])
+    per_class = ", ".join(f"{name} {v:.3f}" for name, v in worst)
+    skipped = f"\n  {res['skipped']} images skipped (lines above)" if res["skipped"] else ""
+    line = (f"linear segmentation ({res['epochs']} epochs, lr {res['lr']}, wd {res['weight_decay']}; "
+            f"{res['tokens']} tokens of {res['size']} px images, {res['feature_dim']}-d, last "
+            f"{'block' if res['blocks'] == 1 else str(res['blocks']) + ' blocks'}) {res['model']} "
+            f"{res['method']}/{res['backbone']} on {res['test']} ({res['test_images']} images): "
+            f"mIoU {res['miou']:.4f}  pixel accuracy {res['pixel_accuracy']:.4f}\n"
+            f"  IoU per class, worst first: {per_class}{skipped}")
     return _finish_eval(args, res, line)
 
 
@@ -480,6 +497,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "none: the papers' bare linear head")
     ft.set_defaults(func=cmd_eval_finetune)
 
+    sg = esub.add_parser("seg", help="linear segmentation on frozen patch tokens: mIoU (DINOv2's protocol, "
+                                     "docs/dense.md)")
+    sg.add_argument("run", help="run folder or checkpoint file")
+    sg.add_argument("--train", required=True,
+                    help="images with masks to fit the head: fashion-mnist-scenes, or a folder with images/ + masks/")
+    sg.add_argument("--test", required=True, help="images with masks to score (fashion-mnist-scenes:test, a folder)")
+    sg.add_argument("--baseline", choices=["random"], help="the same backbone at random initialisation")
+    sg.add_argument("--size", type=int, help="image side fed to the backbone (default: the built-in set's own "
+                                             "size; folders: the run's input size)")
+    sg.add_argument("--blocks", type=int, default=1,
+                    help="ViTs: concatenate the patch tokens of the last N blocks (DINOv2's 4-layer variant; "
+                         "default 1)")
+    sg.add_argument("--epochs", type=int, default=10, help="training epochs of the linear head (default 10)")
+    sg.add_argument("--images", type=int, help="use at most this many training images")
+    _common_eval_options(sg)
+    sg.set_defaults(func=cmd_eval_seg)
+
     h = esub.add_parser("health", help="label-free health metrics: RankMe, alignment, uniformity, embedding std")
     h.add_argument("run", help="run folder or checkpoint file")
     h.add_argument("--data", required=True, help="images to measure on (labels not needed): built-in set or folder")
@@ -567,13 +601,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _mark_commands(parser: argparse.ArgumentParser) -> None:
-    """Each command's parser sets ``_parser`` to itself (its errors then show its own usage)."""
+def _mark_commands(parser: argparse.ArgumentParser, argv: list[str] = ()) -> None:
+    """Each command's parser sets ``_parser`` to itself (its errors then show its own usage), and a
+    missing required option is reported as the misspelling in ``argv`` that was probably meant for it."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for p in action.choices.values():
                 p.set_defaults(_parser=p)
-                _mark_commands(p)
+                p.error = _suggesting_error(p, argv)
+                _mark_commands(p, argv)
+
+
+def _suggesting_error(p: argparse.ArgumentParser, argv: list[str]):
+    plain = p.error
+
+    def error(message: str):
+        if "arguments are required" in message:             # argparse says so before it names unknown options
+            options = [o for a in p._actions for o in a.option_strings]
+            for token in argv:
+                name = token.partition("=")[0]
+                close = difflib.get_close_matches(name, options, n=1, cutoff=0.6) if name.startswith("--") else []
+                if name not in options and close:
+                    plain(f"unknown option {name}; did you mean {close[0]}?")
+        plain(message)
+    return error
 
 
 SETTING = re.compile(r"[A-Za-z_][\w.-]*=.*", re.S)
@@ -582,7 +633,7 @@ SETTING = re.compile(r"[A-Za-z_][\w.-]*=.*", re.S)
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse ``argv`` with ``key=value`` settings accepted anywhere on the line (argparse takes the
     positional settings in one run only); an unknown option is named with the closest real one."""
-    _mark_commands(parser)
+    _mark_commands(parser, argv)
     args, extras = parser.parse_known_args(argv)
     own = getattr(args, "_parser", parser)
     settings = [x for x in extras if SETTING.fullmatch(x)]

@@ -236,6 +236,9 @@ def test_settings_are_accepted_anywhere_on_the_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--out", str(out), "--stpes", "2"])
     assert "unknown option --stpes; did you mean --steps?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):             # a misspelled required option: named, not "--train is required"
+        main(["eval", "seg", str(out), "--trian", "fashion-mnist-scenes", "--test", "fashion-mnist-scenes:test"])
+    assert "unknown option --trian; did you mean --train?" in capsys.readouterr().err
 
 
 def test_a_file_of_random_bytes_is_named_corrupt_not_dangerous(tmp_path, capsys):

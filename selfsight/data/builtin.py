@@ -1,4 +1,5 @@
-"""Built-in data sets: Fashion-MNIST (offline-first), and torchvision's CIFAR-10/100, STL-10."""
+"""Built-in data sets: Fashion-MNIST (offline-first) and the scenes made from it (``data/scenes.py``),
+and torchvision's CIFAR-10/100, STL-10."""
 from __future__ import annotations
 
 import logging
@@ -23,6 +24,7 @@ SPLITS = {
     "stl10": {"train": {"split": "train"}, "test": {"split": "test"}, "unlabeled": {"split": "unlabeled"},
               "train+unlabeled": {"split": "train+unlabeled"}},
     "fashion-mnist": {"train": {"train": True}, "test": {"train": False}},
+    "fashion-mnist-scenes": {"train": {}, "test": {}},     # data/scenes.py: made from Fashion-MNIST
 }
 
 

@@ -43,14 +43,22 @@ class StackedLinear(nn.Module):
         return torch.matmul(x, self.weight) + self.bias                              # S×N×C
 
 
+def mean_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The sum over S classifiers of each one's mean cross-entropy: logits S×b×C, labels b. Each
+    classifier gets exactly its own gradient."""
+    return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0]), reduction="sum") / len(y)
+
+
 def train_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs, weight_decays,
-                 epochs: int = 30, batch_size: int = 256, seed: int = 0) -> StackedLinear:
-    """One linear classifier per (lr, weight decay) pair, trained together on features x (N×D) and
-    labels y (N): the same mini-batches, each with its own SGD (momentum 0.9, weight decay on the
-    weights only, as ``torch.optim.SGD``) and cosine learning rate. Returns the S classifiers."""
+                 epochs: int = 30, batch_size: int = 256, seed: int = 0, loss_fn=mean_cross_entropy) -> StackedLinear:
+    """One linear classifier per (lr, weight decay) pair, trained together on features x (N×D, or
+    N×…×D: every position classified, as the dense probe's tokens N×h×w×D) and labels y (N×…):
+    the same mini-batches, each with its own SGD (momentum 0.9, weight decay on the weights only,
+    as ``torch.optim.SGD``) and cosine learning rate. ``loss_fn(logits S×(b·…)×C, y[batch])`` is
+    the sum of the S classifiers' losses. Returns the S classifiers."""
     g = torch.Generator().manual_seed(seed)
     pairs = [(lr, wd) for lr in lrs for wd in weight_decays]
-    heads = StackedLinear(len(pairs), x.shape[1], num_classes, x.device)
+    heads = StackedLinear(len(pairs), x.shape[-1], num_classes, x.device)
     lr0 = torch.tensor([p[0] for p in pairs], device=x.device)
     wd = torch.tensor([p[1] for p in pairs], device=x.device).view(-1, 1, 1)
     buf_w, buf_b = torch.zeros_like(heads.weight), torch.zeros_like(heads.bias)
@@ -61,9 +69,9 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs, weight
         order = torch.randperm(n, generator=g).to(x.device)
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
-            logits = heads(x[idx])                                                   # S×b×C
-            # the sum of the S mean losses: each classifier gets exactly its own gradient
-            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(len(pairs)), reduction="sum") / len(idx)
+            xb = x[idx]
+            logits = heads(xb.reshape(-1, xb.shape[-1]).float())                     # S×(b·…)×C
+            loss = loss_fn(logits, y[idx])
             gw, gb = torch.autograd.grad(loss, [heads.weight, heads.bias])
             lr = (lr0 * 0.5 * (1 + math.cos(math.pi * step / total))).view(-1, 1, 1)
             with torch.no_grad():

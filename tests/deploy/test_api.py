@@ -32,7 +32,7 @@ def test_public_api_end_to_end(tmp_path, fmnist_small, fmnist_test):
     assert knn["k"] == 5 and 0.3 < knn["top1"] <= 1.0                   # 10 classes: far above chance
     health = selfsight.evaluate(tmp_path / "run", str(tmp_path / "train"), protocol="health", n_images=64)
     assert 1.0 < health["rankme"] <= 64
-    with pytest.raises(ValueError, match="knn, linear, finetune or health"):
+    with pytest.raises(ValueError, match="knn, linear, finetune, seg or health"):
         selfsight.evaluate(tmp_path / "run", protocol="nope")
     meta = selfsight.export(tmp_path / "run", tmp_path / "b.safetensors")
     assert meta["feature_dim"] == 64 and meta["config"]["train"]["steps"] == 2
