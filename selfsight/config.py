@@ -148,6 +148,8 @@ class BackboneConfig:
     depth: int = setting(0, at_least=0)             # ViTs: number of blocks; 0 = the size's own (12)
     layer_scale: float = setting(0.0, at_least=0)   # ViTs: LayerScale init value (CaiT; BEiT 0.1); 0 = off
     rel_pos_bias: bool = False         # ViTs: BEiT's shared relative position bias (dense input at the build size)
+    class_token: bool = True                       # ViTs: false = no class token; the image feature is the mean of the
+                                                   # final-normed patch tokens (I-JEPA's encoders, MAE's global pool)
     registers: int = setting(0, at_least=0)        # ViTs: register tokens (Darcet et al. 2024; DINOv2 reg4: 4); 0 = none
     sync_bn: bool = True               # SyncBatchNorm under DDP (SimCLR's global BN)
     channels_last: bool = True         # ConvNets
@@ -453,7 +455,7 @@ def is_bundled(path: str | Path) -> bool:
 # backbone keys of selfsight's own networks (resnet*, vit_*): a timm, torchvision or python: model
 # keeps its own architecture, so such a key set to another value than its default is an error
 OWN_NETWORK_KEYS = ("small_stem", "width", "zero_init_residual", "patch_size", "img_size", "pos_embed", "depth",
-                    "layer_scale", "rel_pos_bias")
+                    "layer_scale", "rel_pos_bias", "class_token")
 
 
 def check_backbone_keys(tree: dict, method_defaults: dict | None = None) -> None:

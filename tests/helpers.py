@@ -22,6 +22,7 @@ VIT = {"backbone.name": "vit_tiny", "backbone.patch_size": 4, "backbone.depth": 
 SMALL_METHOD = {"dino": {"method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
                 "ibot": {**VIT, "method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
                 "dinov2": {**VIT, "method.out_dim": 64, "method.hidden_dim": 32, "method.bottleneck_dim": 16},
+                "ijepa": {**VIT, "method.predictor_dim": 32, "method.predictor_depth": 1, "method.predictor_heads": 2},
                 "distill": {"method.teacher": str(Path(__file__).parent / "engine" / "old_run")},  # a tiny MoCo v2 run
                 "mocov1": {"method.queue_size": 64}, "mocov2": {"method.queue_size": 64},
                 "tokenizer": {"method.vocab_size": 16, "method.hidden": 8, "method.dim": 8},

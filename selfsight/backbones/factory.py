@@ -33,7 +33,7 @@ def _vit(name: str):
         return ViTBackbone(name, cfg.img_size or image_size, cfg.patch_size, in_chans, cfg.drop_path,
                            pos_embed=cfg.pos_embed, depth=cfg.depth, layer_scale=cfg.layer_scale,
                            rel_pos_bias=cfg.rel_pos_bias, grad_checkpointing=cfg.grad_checkpointing,
-                           registers=cfg.registers)
+                           registers=cfg.registers, class_token=cfg.class_token)
     return build
 
 

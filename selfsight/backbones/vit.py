@@ -44,7 +44,7 @@ class ViTBackbone(nn.Module):
     def __init__(self, name: str = "vit_small", img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  drop_path: float = 0.0, mask_mode: str = "none", pos_embed: str = "learned", depth: int = 0,
                  layer_scale: float = 0.0, rel_pos_bias: bool = False, grad_checkpointing: bool = False,
-                 registers: int = 0, net: nn.Module | None = None):
+                 registers: int = 0, net: nn.Module | None = None, class_token: bool = True):
         super().__init__()
         if pos_embed not in ("learned", "sincos", "none"):
             raise ValueError(f"backbone.pos_embed must be learned, sincos or none, got {pos_embed!r}")
@@ -54,6 +54,8 @@ class ViTBackbone(nn.Module):
                 extra["init_values"] = layer_scale
             if registers > 0:                   # register tokens (Darcet et al. 2024), after the class token
                 extra["reg_tokens"] = registers
+            if not class_token:                 # the image feature: the mean of the final-normed patch tokens
+                extra.update(class_token=False, global_pool="avg", fc_norm=False)
             net = timm.create_model(SIZES[name], pretrained=False, num_classes=0, img_size=img_size,
                                     patch_size=patch_size, in_chans=in_chans, drop_path_rate=drop_path,
                                     dynamic_img_size=True, **extra)

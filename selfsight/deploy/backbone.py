@@ -121,6 +121,10 @@ def _timm_spec(backbone: nn.Module, layer_scale: float) -> dict:
         kwargs = {"num_classes": 0, "img_size": int(net.patch_embed.img_size[0]),
                   "patch_size": int(net.patch_embed.patch_size[0]), "in_chans": int(net.patch_embed.proj.in_channels),
                   "depth": len(net.blocks), "dynamic_img_size": True}
+        if net.cls_token is None:                                   # mean-pooled, final norm on the tokens
+            kwargs.update(class_token=False, global_pool="avg", fc_norm=False)
+        if getattr(net, "num_reg_tokens", 0):
+            kwargs["reg_tokens"] = int(net.num_reg_tokens)
         if not isinstance(net.blocks[0].ls1, nn.Identity):
             kwargs["init_values"] = layer_scale or 1e-5            # any value: the trained gammas are loaded
         name = SIZES[backbone.name]

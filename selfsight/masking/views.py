@@ -18,16 +18,21 @@ def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return (((seed * 1_000_003 + epoch) * 1_000_033 + step) * 1_009 + rank) % (2 ** 63)
 
 
+def patch_grid(size: tuple, patch_size: int) -> tuple[int, int]:
+    """The patch grid of an H×W view, or one line saying the view size must be a multiple of the patch."""
+    h, w = size
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"a {h}×{w} view is not divisible into {patch_size}-pixel patches: choose "
+                         f"views.size as a multiple of the backbone's patch size {patch_size}")
+    return h // patch_size, w // patch_size
+
+
 class ViewMasker:
     def __init__(self, generator: MaskGenerator, patch_size: int, views: tuple = (0,)):
         self.generator, self.patch_size, self.views = generator, patch_size, tuple(views)
 
     def grid(self, size: tuple) -> tuple[int, int]:
-        h, w = size
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"a {h}×{w} view is not divisible into {self.patch_size}-pixel patches: choose "
-                             f"views.size as a multiple of the backbone's patch size {self.patch_size}")
-        return h // self.patch_size, w // self.patch_size
+        return patch_grid(size, self.patch_size)
 
     def __call__(self, views: list[torch.Tensor], seed: int) -> list[torch.Tensor | None]:
         """V views B×C×H×W -> V masks B×N bool (True = masked) on the views' device, or None."""

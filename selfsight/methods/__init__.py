@@ -72,6 +72,7 @@ from selfsight.methods import (  # noqa: E402,F401  (registers)
     dinov2,
     distill,
     ibot,
+    ijepa,
     mim,
     moco,
     mocov3,

@@ -108,3 +108,23 @@ def test_hub_folder_of_a_builtin_vit(run, tmp_path, fmnist_test):
         ref = model.backbone.forward_features(x).cls
         assert (net(x) - ref).abs().max() <= 1e-5
         assert (mine(pre(fmnist_test.images[:64])) - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("extra", [{"backbone.class_token": False}, {"backbone.registers": 2}])
+def test_a_vit_without_class_token_or_with_registers_exports_to_timm(tmp_path, fmnist_test, extra):
+    """I-JEPA's encoders (no class token: the mean of the final-normed patch tokens) and register
+    tokens are part of the timm file's build: it loads strictly and gives the run's features."""
+    cfg = load_config(None, [f"{k}={v}" for k, v in {**VIT, **extra, "views.size": 28}.items()])
+    torch.manual_seed(0)
+    vit = ViTBackbone("vit_tiny", 28, 7, 1, depth=2, class_token=cfg.backbone.class_token,
+                      registers=cfg.backbone.registers).eval()
+    x = inputs(fmnist_test, 8)
+    with torch.no_grad():
+        f = vit.forward_features(x)
+    if not cfg.backbone.class_token:
+        torch.testing.assert_close(f.cls, f.patch.mean(1))
+    meta = export_backbone(vit, metadata(vit, cfg, PRE, "timm"), tmp_path / "t.safetensors", "timm")
+    net = timm_model(meta).eval()
+    net.load_state_dict(load_file(tmp_path / "t.safetensors"), strict=True)
+    with torch.no_grad():
+        assert (net(x) - f.cls).abs().max() <= 1e-5

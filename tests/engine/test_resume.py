@@ -26,6 +26,9 @@ METHOD_ARGS = {"simclr": [], "mocov2": ["method.queue_size=256"],     # MoCo: th
                           "backbone.name=vit_tiny", "backbone.patch_size=7", "backbone.depth=1", "views.size=28",
                           "views.local_crops=2", "views.local_size=14", "method.freeze_last_layer=0.01",
                           "method.centering=center"],     # the recipe's Sinkhorn-Knopp keeps no center to resume
+               # I-JEPA: the target encoder, its EMA and the multi-block masks drawn per step
+               "ijepa": ["backbone.name=vit_tiny", "backbone.patch_size=4", "backbone.depth=1", "views.size=28",
+                         "method.predictor_dim=32", "method.predictor_depth=1", "method.predictor_heads=2"],
                # distill: the frozen teacher (a checked-in tiny MoCo v2 run) is reloaded, not checkpointed
                "distill": [f"method.teacher={Path(__file__).parent / 'old_run'}"]}
 
